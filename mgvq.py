@@ -1,0 +1,1093 @@
+"""MGVQ: sensitivity-guided mixed-precision vector quantization with gradient-Hessian compensation,
+for vision-language models (Qwen2-VL). A read-along reference implementation.
+
+The file follows the pipeline of the README's "Method" section, top to bottom:
+  config -> calibration data -> calibration statistics -> vector quantization (Block-LDL sweep)
+  -> gradient-Hessian compensation (Newton-shifted target) -> sensitivity -> bit allocation
+  -> driver (block by block) -> save -> CLI.
+Symbols: a linear y = W x with W (m, n); VQ vectors are d consecutive columns of one row; a codebook
+has K = 2^(b*d) codewords; T calibration tokens. H_I = E[x x^T] (n, n), H_O = E[g g^T] (m, m),
+G = dKL/dW (m, n). The paper's body is not public: the choices the abstracts leave open are ours and
+are listed in the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import eval as qa
+from kernels import VQLinear
+
+
+# --- config
+
+@dataclass
+class Config:
+    model: str = "toy"
+    bits: int = 2                      # average index bits per weight
+    method: str = "mgvq"               # rtn | gptq | gptvq | mgvq (sets the switches below left at None)
+    d: int | None = None               # VQ vector length (2 for VQ, 1 for the scalar baselines)
+    group_size: int | None = None      # columns per group: one bit-width and one codebook per (group x row tile)
+    alloc: str | None = None           # uniform | sensitivity (structured mixed precision)
+    grad: bool | None = None           # gradient-Hessian fusion (Newton-shifted target, H_O row weights)
+    alpha: float = 1.0                 # step of the Newton shift
+    token_weights: str | None = None   # none | modality | qig
+    feedback: str | None = None        # ldl (exact block metric) | diag (GPTVQ's per-coordinate metric) | none
+    calib: str = "synthetic"           # built-in synthetic set, or a LLaVA-style JSONL
+    nsamples: int | None = None        # calibration samples (64 for the toy, 128 for real models)
+    batch_size: int = 8
+    seed: int = 0
+    damp: float = 0.01                 # relative damping of H_I and H_O (x10 retries, fp64 last)
+    kmeans_iters: int = 25
+    trial_iters: int = 6               # k-means iterations of the quick trial VQ (sensitivity)
+    codebook_overhead: float = 0.2     # codebook + scale bits per weight allowed when choosing tile rows
+    qig_steps: int = 8
+    teacher_topk: int = 64
+    quantize_vision: bool = False
+    max_blocks: int | None = None      # stop after N blocks (dry runs; the rest stays full precision)
+    random_init: bool = False          # a published model size with random weights, no download (dry runs)
+    eval_n: int = 200                  # synthetic QA questions for the check (0: skip it)
+    out: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+# What each --method switches on; an explicit flag overrides its row (the ablation flips one at a time).
+METHODS = {
+    "rtn":   dict(d=1, group_size=256, alloc="uniform", grad=False, token_weights="none", feedback="none"),
+    "gptq":  dict(d=1, group_size=256, alloc="uniform", grad=False, token_weights="none", feedback="ldl"),
+    "gptvq": dict(d=2, group_size=128, alloc="uniform", grad=False, token_weights="none", feedback="diag"),
+    "mgvq":  dict(d=2, group_size=128, alloc="sensitivity", grad=True, token_weights="qig", feedback="ldl"),
+}
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the switches left at None from the method's row, then check the whole config."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    for k, v in METHODS[cfg.method].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if not 1 <= cfg.bits <= 8:
+        raise ValueError(f"--bits must be an integer from 1 to 8, not {cfg.bits}")
+    if cfg.d not in (1, 2, 4) or cfg.group_size % cfg.d or cfg.group_size * cfg.bits % 8:
+        raise ValueError(f"--d must be 1, 2 or 4 and divide --group-size ({cfg.group_size}), not {cfg.d}")
+    if cfg.bits * cfg.d > 12:
+        raise ValueError(f"codebooks of 2^(bits*d) = 2^{cfg.bits * cfg.d} codewords are too large")
+    scalar = cfg.method in ("rtn", "gptq")
+    if scalar and cfg.d != 1:
+        raise ValueError(f"--method {cfg.method} is scalar: it needs --d 1")
+    for k, ok in (("alloc", ("uniform", "sensitivity")), ("token_weights", ("none", "modality", "qig")),
+                  ("feedback", ("ldl", "diag", "none"))):
+        if getattr(cfg, k) not in ok:
+            raise ValueError(f"--{k.replace('_', '-')} must be one of {', '.join(ok)}")
+    if cfg.nsamples is None:
+        cfg.nsamples = 64 if cfg.model == "toy" else 128
+    return cfg
+
+
+def bit_choices(cfg: Config) -> list[int]:
+    """Candidate bit-widths of a column group: {b-1, b, b+1} for mixed precision, {b} otherwise."""
+    if cfg.alloc == "uniform":
+        return [cfg.bits]
+    return [b for b in (cfg.bits - 1, cfg.bits, cfg.bits + 1) if 1 <= b and b * cfg.d <= 12]
+
+
+def tile_rows_for(m: int, bits: int, d: int, group_size: int, overhead: float) -> int:
+    """Rows sharing one codebook: the smallest power of two t (dividing m) whose codebook
+    (K*d int8 + one fp16 scale) costs at most `overhead` bits per weight. Scalar grids: one row."""
+    if d == 1:
+        return 1
+    K, t = 2 ** (bits * d), 1
+    while (K * d * 8 + 16) / (group_size * t) > overhead and t < m and m % (2 * t) == 0:
+        t *= 2
+    return t
+
+
+# --- calibration data
+
+def load_calib(cfg: Config) -> list:
+    """The calibration samples: the built-in synthetic set, or a JSONL in the LLaVA / ShareGPT4V layout
+    ({"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]})."""
+    if cfg.calib == "synthetic":
+        return qa.make_task("calib", cfg.nsamples, seed=cfg.seed)
+    from PIL import Image
+    if not os.path.isfile(cfg.calib):
+        raise ValueError(f"calibration file {cfg.calib} does not exist")
+    samples, root = [], os.path.dirname(os.path.abspath(cfg.calib))
+    with open(cfg.calib) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                turns = rec["conversations"]
+                question = turns[0]["value"].replace("<image>", "").strip()
+                answer = turns[1]["value"].strip()
+                path = os.path.join(root, rec["image"])
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise ValueError(f"{cfg.calib} line {i} is not a LLaVA-style record with an image and two turns")
+            if not os.path.isfile(path):
+                raise ValueError(f"{cfg.calib} line {i}: image {path} does not exist")
+            try:
+                image = Image.open(path).convert("RGB")
+            except OSError:
+                raise ValueError(f"{cfg.calib} line {i}: image {path} cannot be read")
+            samples.append(qa.Sample(image=image, question=question, answer=answer, kind="calib", choices=[answer]))
+            if len(samples) == cfg.nsamples:
+                break
+    if not samples:
+        raise ValueError(f"calibration file {cfg.calib} holds no samples")
+    return samples
+
+
+def loss_mask(batch) -> torch.Tensor:
+    """(B, T-1) bool: positions whose next token is an answer token (the loss positions)."""
+    return batch["labels"][:, 1:] != -100
+
+
+def forward(model, batch, keep: int = 0) -> torch.Tensor:
+    """The full multimodal forward (3-D M-RoPE positions included): logits (B, T, V), or of the last `keep`."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs, use_cache=False, logits_to_keep=keep).logits
+
+
+def answer_logits(model, batch) -> torch.Tensor:
+    """(N, V) fp32 logits at the N loss positions of the batch. Left padding puts every answer at the end,
+    so only the last k positions need the (large-vocabulary) head."""
+    k = int((batch["labels"] != -100).sum(1).max()) + 1
+    logits = forward(model, batch, keep=k)[:, :-1]                            # (B, k-1, V) predicting t+1
+    return logits[batch["labels"][:, -k:][:, 1:] != -100].float()
+
+
+# --- calibration statistics
+
+@contextmanager
+def hooked(handles):
+    """Remove the given hook handles when the block ends, whatever happens."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StopForward(Exception):
+    """Raised from a hook once it has what it needs: the rest of the forward is skipped."""
+
+
+def token_tags(batch, x: torch.Tensor):
+    """Per-token (image?, valid?) flags for an activation x (..., n) of this batch. Activations that are not
+    laid out (B, T) - the vision tower's patches - count as valid image tokens."""
+    mask = batch["attention_mask"]
+    if x.shape[:-1] == mask.shape:
+        return (batch["mm_token_type_ids"] == 1).reshape(-1), (mask > 0).reshape(-1)
+    n = x.numel() // x.shape[-1]
+    return torch.ones(n, dtype=torch.bool, device=x.device), torch.ones(n, dtype=torch.bool, device=x.device)
+
+
+def hessian_add(S: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """S += sum_t w_t x_t x_t^T, accumulated in fp32 (bf16 outer products lose the small directions)."""
+    x = x.reshape(-1, x.shape[-1]).float()                             # (T, n)
+    S.addmm_((x * w[:, None]).T, x)
+
+
+def damp_cholesky(H: torch.Tensor, rel: float, what: str, log=print):
+    """Damp H by rel * mean(diag) and factor it (H = C C^T); on failure raise the damping x10 (three
+    times), then retry in fp64. Returns (damped H, lower C). Logs any recovery."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean = H.diagonal().mean().clamp_min(1e-12)
+    for attempt, r in enumerate((rel, rel * 10, rel * 100, rel * 1000)):
+        for dt in ((H.dtype,) if attempt < 3 else (torch.float64,)):
+            Hd = (H + r * mean * eye).to(dt)
+            C, info = torch.linalg.cholesky_ex(Hd)
+            if info == 0 and torch.isfinite(C).all():
+                if attempt:
+                    log(f"  {what}: not positive definite at damping {rel:g}; recovered with {r:g}{' in fp64' if dt == torch.float64 else ''}")
+                return Hd.to(H.dtype), C.to(H.dtype)
+    raise RuntimeError(f"{what} is not positive definite even with damping {rel * 1000:g} in fp64")
+
+
+def fix_dead_columns(H: torch.Tensor, W: torch.Tensor):
+    """Inputs that never fire (zero diagonal) carry no information: set H_jj = 1 and zero W's column (GPTQ)."""
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return int(dead.sum())
+
+
+# --- vector quantization
+
+def block_ldl(H: torch.Tensor, d: int):
+    """Block LDL: H = L D L^T, L unit block-lower-triangular (n, n), D block-diagonal as (n/d, d, d).
+    From the Cholesky H = C C^T: L = C blockdiag(C_kk)^-1, D_k = C_kk C_kk^T (QuIP#'s BlockLDLQ)."""
+    n = H.shape[0]
+    assert n % d == 0, f"n = {n} is not a multiple of d = {d}"
+    C = torch.linalg.cholesky(H)
+    nb = n // d
+    Ckk = C.reshape(nb, d, nb, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)     # (nb, d, d) diagonal blocks
+    eye = torch.eye(d, dtype=H.dtype, device=H.device).expand(nb, d, d)
+    Ckk_inv = torch.linalg.solve_triangular(Ckk, eye, upper=False)               # (nb, d, d)
+    L = torch.einsum("ika,kab->ikb", C.reshape(n, nb, d), Ckk_inv).reshape(n, n)
+    return L, Ckk @ Ckk.transpose(1, 2)
+
+
+def sweep_factors(H: torch.Tensor, d: int):
+    """H = U D U^T with U unit block-UPPER-triangular: then the error of block k is fed only to later blocks,
+    so the sweep runs first to last as GPTQ does. (With a lower L it would have to run last to first.)
+    Obtained as block_ldl of the index-reversed H, reversed back."""
+    L, D = block_ldl(H.flip(0, 1), d)
+    return L.flip(0, 1), D.flip(0).flip(1, 2)
+
+
+def nearest(X: torch.Tensor, C: torch.Tensor, D: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+    """Index of the codeword nearest to each vector under the quadratic metric of its position:
+    argmin_c (x - c) D_p (x - c)^T = argmin_c c D_p c^T - 2 x D_p c^T.  X (R, t, P, d) vectors of R tiles,
+    C (R, K, d) a codebook per tile, D (P, d, d) a metric per vector position -> (R, t, P)."""
+    R, t, P, d = X.shape
+    K = C.shape[1]
+    cDc = torch.einsum("rca,pab,rcb->rpc", C, D, C)                          # (R, P, K)
+    XD = torch.einsum("rtpa,pab->rtpb", X, D).reshape(R, t * P, d)            # (R, tP, d)
+    step = max(1, chunk // max(1, t * P * K))
+    out = []
+    for r in range(0, R, step):                                               # bounded memory: (r, tP, K) at a time
+        cost = torch.baddbmm(cDc[r:r + step, None].expand(-1, t, P, K).reshape(-1, t * P, K),
+                             XD[r:r + step], C[r:r + step].transpose(1, 2), alpha=-2)
+        out.append(cost.argmin(-1))
+    return torch.cat(out).reshape(R, t, P)
+
+
+def sample_rows(prob: torch.Tensor, gen) -> torch.Tensor:
+    """One index per row drawn with probability proportional to prob (R, N) (inverse-CDF sampling)."""
+    cdf = prob.cumsum(1)
+    u = torch.rand(prob.shape[0], 1, generator=gen, device=prob.device, dtype=prob.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_max(prob.shape[1] - 1)[:, 0]
+
+
+def int8_codebook(C: torch.Tensor):
+    """Store codewords as int8 with one fp16 scale per codebook: C ~ scale * Cq. C (R, K, d)."""
+    scale = (C.abs().amax(dim=(1, 2)) / 127).clamp_min(1e-8).half().float()     # (R,) exactly an fp16
+    Cq = torch.round(C / scale[:, None, None]).clamp(-127, 127).to(torch.int8)
+    return Cq, scale
+
+
+def kmeans(X, D, s, K: int, iters: int, gen: torch.Generator):
+    """Weighted k-means per tile, the vector of row i at position p weighted by the metric s_i D_p.
+    Seeding: k-means++ under that metric. Update: c = (sum s D)^-1 sum s D x (exact for quadratic metrics).
+    X (R, t, P, d), D (P, d, d), s (R, t) -> codebooks (R, K, d)."""
+    R, t, P, d = X.shape
+    pts = X.reshape(R, t * P, d)
+    M = (s[:, :, None, None, None] * D[None, None]).reshape(R, t * P, d, d)   # per-vector metric
+    w = s[:, :, None].expand(R, t, P).reshape(R, t * P)
+    C = torch.empty(R, K, d, dtype=X.dtype, device=X.device)
+    C[:, 0] = pts[torch.arange(R), sample_rows(w + 1e-12, gen)]
+    gap = torch.full((R, t * P), float("inf"), dtype=X.dtype, device=X.device)
+    for c in range(1, K):
+        diff = pts - C[:, c - 1:c]                                            # (R, tP, d)
+        gap = torch.minimum(gap, torch.einsum("rpa,rpab,rpb->rp", diff, M, diff))
+        prob = gap.clamp_min(0) * (w > 0)
+        prob = torch.where(prob.sum(1, keepdim=True) > 0, prob, w + 1e-12)
+        C[:, c] = pts[torch.arange(R), sample_rows(prob, gen)]
+    Mx = torch.einsum("rpab,rpb->rpa", M, pts)                                # (R, tP, d)
+    eye = 1e-9 * torch.eye(d, dtype=X.dtype, device=X.device)
+    a = None
+    for _ in range(iters):
+        a_new = nearest(X, C, D).reshape(R, t * P)
+        if a is not None and torch.equal(a, a_new):
+            break
+        a = a_new
+        A = torch.zeros(R, K, d * d, dtype=X.dtype, device=X.device).scatter_add_(   # sum of metrics per cluster
+            1, a[:, :, None].expand(-1, -1, d * d), M.reshape(R, t * P, d * d)).reshape(R, K, d, d)
+        v = torch.zeros(R, K, d, dtype=X.dtype, device=X.device).scatter_add_(       # sum of metric-weighted points
+            1, a[:, :, None].expand(-1, -1, d), Mx)
+        used = A.diagonal(dim1=2, dim2=3).sum(-1) > 0                         # (R, K)
+        C[used] = torch.linalg.solve(A[used] + eye, v[used])
+    return C
+
+
+def minmax_grid(X: torch.Tensor, K: int):
+    """The scalar baselines' codebook: GPTQ's asymmetric uniform grid scale * (q - z), q = 0..K-1, with 0
+    on the grid, one per tile (one row x one group). X (R, t, P, 1) -> int8 codebook (R, K, 1), scale (R,)."""
+    lo = X.amin(dim=(1, 2, 3)).clamp_max(0)
+    hi = X.amax(dim=(1, 2, 3)).clamp_min(0)
+    scale = ((hi - lo) / (K - 1)).clamp_min(1e-8).half().float()
+    z = torch.round(-lo / scale)
+    Cq = (torch.arange(K, device=X.device)[None] - z[:, None]).to(torch.int8)    # (R, K) entries q - z
+    return Cq[:, :, None], scale
+
+
+def vq_sweep(Wt, U, D, group_bits, group_size: int, tile_rows: dict, fit, feedback: str = "ldl"):
+    """Quantize the d-column blocks first to last; block k goes to the codeword nearest to its error-fed target
+        T_k = W~_k + sum_{j<k} (W~_j - Q_j) U_jk        (METHOD 3c; H = U D U^T, U unit block-upper)
+    under the block metric D_k (feedback 'diag': only its diagonal, GPTVQ's shortcut; 'none': no feedback).
+    A group's codebooks are fit by `fit(X, D, K)` when the sweep reaches it, on the error-fed targets.
+    Wt (m, n) -> codes (m, n/d), Q (m, n), int8 codebooks and scales, one per column group."""
+    m, n = Wt.shape
+    d = D.shape[-1]
+    P = group_size // d
+    assert n % group_size == 0 and len(group_bits) == n // group_size, "groups do not tile the columns"
+    metric = D if feedback == "ldl" else torch.diag_embed(D.diagonal(dim1=-2, dim2=-1))
+    T = Wt.clone()                                                            # error-fed targets (m, n)
+    Q = torch.empty_like(Wt)
+    codes = torch.empty(m, n // d, dtype=torch.long, device=Wt.device)
+    books, scales = [], []
+    for g, b in enumerate(group_bits):
+        c0, c1 = g * group_size, (g + 1) * group_size
+        tr = tile_rows[b]
+        R = m // tr
+        Cq, sc = fit(T[:, c0:c1].reshape(R, tr, P, d), metric[c0 // d:c1 // d], 2 ** (b * d))
+        C = Cq.to(Wt.dtype) * sc[:, None, None]                               # (R, K, d) as stored
+        books.append(Cq)
+        scales.append(sc)
+        for k in range(c0 // d, c1 // d):
+            cols = slice(k * d, (k + 1) * d)
+            a = nearest(T[:, cols].reshape(R, tr, 1, d), C, metric[k:k + 1])[:, :, 0]     # (R, tr)
+            codes[:, k] = a.reshape(m)
+            Q[:, cols] = torch.gather(C, 1, a[:, :, None].expand(R, tr, d)).reshape(m, d)
+            if feedback != "none":                                            # feed the rest of the group now
+                T[:, (k + 1) * d:c1] += (Wt[:, cols] - Q[:, cols]) @ U[cols, (k + 1) * d:c1]
+        if feedback != "none":                                                # and the later groups once (lazy batch)
+            T[:, c1:] += (Wt[:, c0:c1] - Q[:, c0:c1]) @ U[c0:c1, c1:]
+    return codes, Q, books, scales
+
+
+def dequant_group(codes_g, Cq, scale, tr: int):
+    """Q of one column group from its codes (m, P), int8 codebooks (R, K, d) and scales (R,) -> (m, P*d)."""
+    m, P = codes_g.shape
+    R, K, d = Cq.shape
+    C = Cq.float() * scale[:, None, None]
+    return torch.gather(C, 1, codes_g.reshape(R, tr * P, 1).expand(R, tr * P, d)).reshape(m, P * d)
+
+
+def refit_codebooks(Wt, H, s, codes, books, scales, group_bits, group_size: int, tile_rows: dict):
+    """With the codes fixed, move each group's codewords to the least-squares optimum of
+        sum_i s_i (w~_i - q_i) H (w~_i - q_i)^T          (METHOD 3d; H = H_I damped, s = row weights)
+    one Gauss-Seidel pass over the groups, the others held. A refit that does not lower the objective
+    once rounded to int8 is dropped. Returns the new Q (m, n); books and scales are updated in place."""
+    m, n = Wt.shape
+    d = books[0].shape[-1]
+    P = group_size // d
+    Q = torch.cat([dequant_group(codes[:, g * P:(g + 1) * P], books[g], scales[g], tile_rows[b])
+                   for g, b in enumerate(group_bits)], dim=1)
+    for g, b in enumerate(group_bits):
+        c0, c1, tr, K = g * group_size, (g + 1) * group_size, tile_rows[b], 2 ** (b * d)
+        R = m // tr
+        Y = s[:, None] * ((Wt - Q) @ H[:, c0:c1])                             # (m, gs) minus half the gradient
+        slot = (codes[:, g * P:(g + 1) * P, None] * d + torch.arange(d, device=Wt.device)).reshape(m, group_size)
+        Hgg = H[c0:c1, c0:c1]
+        gram, rhs = [], []
+        step = max(1, (1 << 24) // (tr * group_size * K * d))                 # tiles per chunk, bounded memory
+        for r in range(0, R, step):                                           # gram = sum_i s_i O_i^T Hgg O_i per tile
+            rows = slice(r * tr, min(R, r + step) * tr)
+            O = F.one_hot(slot[rows], K * d).to(Wt.dtype).reshape(-1, tr, group_size, K * d)   # (r, tr, gs, Kd)
+            Z = torch.matmul(Hgg, O)                                          # Hgg O_i   (r, tr, gs, Kd)
+            sw = s[rows].reshape(-1, tr, 1, 1)
+            gram.append(torch.einsum("riqc,riqe->rce", O * sw, Z))
+            rhs.append(torch.einsum("riqc,riq->rc", O, Y[rows].reshape(-1, tr, group_size)))
+        gram, rhs = torch.cat(gram), torch.cat(rhs)
+        ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-12)
+        step = torch.linalg.solve(gram + ridge * torch.eye(K * d, dtype=Wt.dtype, device=Wt.device), rhs)
+        C = books[g].to(Wt.dtype) * scales[g][:, None, None] + step.reshape(R, K, d)
+        Cq, sc = int8_codebook(C)
+        Qg = dequant_group(codes[:, g * P:(g + 1) * P], Cq, sc, tr)
+        delta = Qg - Q[:, c0:c1]                                              # change of this group's weights
+        gain = 2 * (delta * Y).sum() - (s[:, None] * (delta @ Hgg) * delta).sum()
+        if gain > 0:
+            books[g], scales[g], Q[:, c0:c1] = Cq, sc, Qg
+    return Q
+
+
+# --- gradient-Hessian compensation
+
+def newton_target(W, G, H_O, H_I, alpha: float = 1.0):
+    """W~ = W - alpha H_O^-1 G H_I^-1, the minimiser of the layer's second-order Taylor model
+        l(Q) = <G, Q - W> + 1/2 tr(H_O (Q - W) H_I (Q - W)^T)        (METHOD 3b)
+    Completing the square, l(Q) = 1/2 tr(H_O (Q - W~) H_I (Q - W~)^T) + const, so quantizing toward W~
+    under the usual metric keeps the gradient term. Kronecker: (H_O (x) H_I)^-1 vec(G) = vec(H_O^-1 G H_I^-1),
+    two Cholesky solves (m x m and n x n) instead of one (mn x mn) system. H_O, H_I: damped."""
+    X = torch.cholesky_solve(G, torch.linalg.cholesky(H_O))                   # H_O^-1 G          (m, n)
+    X = torch.cholesky_solve(X.T, torch.linalg.cholesky(H_I)).T               # H_O^-1 G H_I^-1   (m, n)
+    return W - alpha * X
+
+
+def proxy_loss(delta, H_I, G=None, H_O=None) -> float:
+    """l(delta) = <G, delta> + 1/2 tr(H_O delta H_I delta^T); no H_O means H_O = I (GPTQ's layer objective)."""
+    dH = delta @ H_I
+    quad = (dH * (delta if H_O is None else H_O @ delta)).sum()
+    return float((0.0 if G is None else (G * delta).sum()) + 0.5 * quad.detach())
+
+
+# --- sensitivity
+
+def trial_costs(W, h_diag, s, choices, group_size: int, d: int, tile_rows, iters: int, gen):
+    """Local and global sensitivity of every column group G at every candidate bit-width b, from a quick
+    trial VQ (k-means per tile under the diagonal input curvature, no feedback):
+        local   D_G(b)  = sum_{i, j in G} H_I[j,j] (W - Q_b)_ij^2               how hard G is to quantize
+        global  dL_G(b) = 1/2 sum_i s_i sum_{j in G} H_I[j,j] (W - Q_b)_ij^2     s_i = H_O[i,i]: how much the loss cares
+    W (m, n), h_diag (n,), s (m,) -> (local, global), each (n/group_size, len(choices))."""
+    m, n = W.shape
+    P = group_size // d
+    local = torch.zeros(n // group_size, len(choices))
+    glob = torch.zeros(n // group_size, len(choices))
+    for g in range(n // group_size):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        D = torch.diag_embed(h_diag[cols].reshape(P, d))                      # (P, d, d) diagonal metric
+        for c, b in enumerate(choices):
+            tr = tile_rows(b)
+            X = W[:, cols].reshape(m // tr, tr, P, d)
+            Cq, sc = int8_codebook(kmeans(X, D, s.reshape(m // tr, tr), 2 ** (b * d), iters, gen))
+            Cd = Cq.float() * sc[:, None, None]
+            a = nearest(X, Cd, D)                                             # (R, tr, P)
+            Q = torch.gather(Cd, 1, a.reshape(m // tr, tr * P, 1).expand(-1, -1, d)).reshape(m, group_size)
+            err = (W[:, cols] - Q) ** 2 * h_diag[cols]                        # (m, gs)
+            local[g, c] = float(err.sum())
+            glob[g, c] = 0.5 * float((s[:, None] * err).sum())
+    return local, glob
+
+
+# --- bit allocation
+
+def allocate_bits(costs: torch.Tensor, sizes: torch.Tensor, choices: list[int], budget: int) -> torch.Tensor:
+    """Structured mixed precision: one bit-width per column group minimising sum_g costs[g, b_g] subject to
+    sum_g sizes[g] * b_g == budget (index bits). Lagrangian bisection on the price of a bit, then a greedy
+    fill of what is left (best cost decrease per bit first) to land on the budget exactly when it can.
+    costs (N, C) predicted loss increase, sizes (N,) weights per group, choices (C,) ascending -> (N,) indices."""
+    costs, sizes = costs.double(), sizes.double()
+    bits = torch.tensor(choices, dtype=torch.float64)
+    per_weight = costs / sizes[:, None]
+
+    def pick(price):                                                          # each group alone, given a price per bit
+        return (per_weight + price * bits[None]).argmin(1)
+
+    def used(a):
+        return float((sizes * bits[a]).sum())
+
+    lo, hi = 0.0, float(per_weight.abs().max()) * 2 + 1e-30
+    for _ in range(200):                                                      # smallest price that fits the budget
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if used(pick(mid)) > budget else (lo, mid)
+    a = pick(hi)
+    while True:                                                               # spend the leftover, best ratio first
+        left = budget - used(a)
+        up = a + 1 < len(choices)
+        extra = sizes * (bits[(a + 1).clamp_max(len(choices) - 1)] - bits[a])
+        ok = up & (extra <= left + 0.5) & (extra > 0)
+        if not ok.any():
+            return a
+        gain = costs[torch.arange(len(a)), a] - costs[torch.arange(len(a)), (a + 1).clamp_max(len(choices) - 1)]
+        ratio = torch.where(ok, gain / extra, torch.tensor(-math.inf, dtype=torch.float64))
+        a[int(ratio.argmax())] += 1
+
+
+# --- driver
+
+def quantizable_blocks(model, vision: bool) -> list[tuple[str, nn.Module]]:
+    """Blocks in quantization order, found by walking the containers (module *names* moved between
+    transformers 4.x and 5.x; name patterns quantized the vision tower by accident in peer tools).
+    Vision blocks first (opt-in), then the decoder layers; embeddings, lm_head and the merger stay."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    blocks = list(model.model.visual.blocks) if vision else []
+    blocks += list(model.model.language_model.layers)
+    return [(names[id(b)], b) for b in blocks]
+
+
+def linears(block) -> dict[str, nn.Linear]:
+    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def kl_to_teacher(logits, teacher_b) -> torch.Tensor:
+    """sum over loss positions of KL(p_FP || p_current), p_FP kept as renormalised top-k. logits (N, V)."""
+    idx, logp = teacher_b
+    logq = logits.log_softmax(-1).gather(1, idx)
+    return (logp.exp() * (logp - logq)).sum()
+
+
+def sampled_nll(logits, gen) -> torch.Tensor:
+    """-sum log q(y) with y drawn from the model's own distribution: its gradients' second moment is the
+    Fisher (K-FAC / YAQA), while their mean is zero."""
+    y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)
+    return -logits.log_softmax(-1).gather(1, y).sum()
+
+
+@torch.no_grad()
+def teacher_pass(model, batches, topk: int, keep_inputs_of=()):
+    """The FP model's answer distributions (top-k, renormalised) and, for QIG, the FP inputs of some blocks."""
+    teacher, inputs = [], {i: [] for i in range(len(keep_inputs_of))}
+    hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs[i].append(args[0].detach().cpu()))
+             for i, b in enumerate(keep_inputs_of)]
+    with hooked(hooks):
+        for batch in tqdm(batches, desc="teacher", leave=False):
+            logp = answer_logits(model, batch).log_softmax(-1)
+            val, idx = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+            teacher.append((idx, val - val.logsumexp(-1, keepdim=True)))
+    return teacher, inputs
+
+
+def integrated_gradients(loss_fn, h, h_q, steps: int) -> torch.Tensor:
+    """QIG attribution of each token: |(h_t - h_q,t) . (1/S) sum_s dloss/dh_t at h_q + (s/S)(h - h_q)|
+    (Riemann sum of the path integral from the quantized input h_q to the FP input h). h, h_q (..., T, n) -> (..., T)."""
+    total = torch.zeros_like(h)
+    for s in range(1, steps + 1):
+        z = (h_q + s / steps * (h - h_q)).detach().requires_grad_(True)
+        (gz,) = torch.autograd.grad(loss_fn(z), z)
+        total += gz
+    return ((h - h_q) * total / steps).sum(-1).abs()
+
+
+def normalise_weights(a: torch.Tensor, valid: torch.Tensor, clip: float = 20.0) -> torch.Tensor:
+    """Token weights with mean 1 over the valid tokens (so they sum to the token count), clipped to
+    [1/clip, clip] before the final renormalisation so that no token is dropped or dominates."""
+    a = a * valid
+    w = (a / a[valid].mean().clamp_min(1e-30)).clamp(1 / clip, clip) * valid
+    return w * valid.sum() / w.sum()
+
+
+def block_input(model, block, batch) -> torch.Tensor:
+    """The current model's input to `block` for this batch (the rest of the forward is skipped)."""
+    got = []
+
+    def grab(mod, args):
+        got.append(args[0].detach())
+        raise StopForward
+
+    with torch.no_grad(), hooked([block.register_forward_pre_hook(grab)]):
+        try:
+            forward(model, batch)
+        except StopForward:
+            pass
+    return got[0]
+
+
+def qig_token_weights(model, block, batches, fp_inputs, steps: int) -> list[torch.Tensor]:
+    """Token-level weights for H_I from quantization-aware integrated gradients (seed QIG): the answer loss
+    attributed to each token's block input along the path from the current model's input to the FP one."""
+    attrs = []
+    for batch, h in zip(batches, fp_inputs):
+        h_q = block_input(model, block, batch).float()
+        labels = batch["labels"][:, 1:][loss_mask(batch)]
+
+        def loss_fn(z):                                   # the answer loss with z injected as this block's input
+            inject = block.register_forward_pre_hook(lambda mod, args: (z.to(args[0].dtype),) + args[1:])
+            with hooked([inject]):
+                return F.cross_entropy(answer_logits(model, batch), labels, reduction="sum")
+
+        attrs.append(integrated_gradients(loss_fn, h.to(h_q.device).float(), h_q, steps))
+    valid = torch.cat([(b["attention_mask"] > 0).reshape(-1) for b in batches])
+    w = normalise_weights(torch.cat([a.reshape(-1) for a in attrs]), valid)
+    return list(w.split([a.numel() for a in attrs]))
+
+
+def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
+    """Kronecker factors of one block's linears, from the *current* model (earlier blocks quantized):
+      H_I = sum_t w_t x_t x_t^T / sum_t w_t        one per input (q/k/v share theirs, gate/up theirs)
+      H_O = sum_t g_t g_t^T / N                    g from a backward with sampled labels (Fisher), N loss positions
+      G   = dKL(p_FP || p_current)/dW             mean over the N loss positions, from a second backward
+    so that l(D) = <G, D> + 1/2 tr(H_O D H_I D^T) estimates the change of the mean KL (K-FAC: H ~ H_O (x) H_I).
+    Token weights w_t: QIG (token_w), or per modality the mean block-output gradient energy |g_t|^2."""
+    lins = linears(block)
+    fisher = cfg.grad or cfg.token_weights != "none"
+    S, SO, share, seen = {}, {name: 0.0 for name in lins}, {}, {}
+    energy, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    ctx = {}
+
+    def on_linear(name):
+        def hook(mod, args, out):
+            x = args[0]
+            if name not in share:                          # first batch: who else is fed this very tensor?
+                share[name] = next((k for k, t in seen.items() if t is x), name)
+                seen[name] = x
+            if share[name] == name and ctx["collect"]:
+                img, valid = token_tags(ctx["batch"], x)
+                w = valid.float() * (ctx["w"] if ctx["w"] is not None else 1.0)
+                acc = S.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device) for _ in range(2)])
+                hessian_add(acc[0], x, w * ~img)           # text tokens
+                hessian_add(acc[1], x, w * img)            # image tokens
+                n_tok = ctx.setdefault("n_" + name, torch.zeros(2, dtype=torch.float64))
+                n_tok += torch.stack([(w * ~img).sum(), (w * img).sum()]).double().cpu()
+            if ctx["fisher"] and out.requires_grad:
+                def on_grad(g, name=name):
+                    g = g.reshape(-1, g.shape[-1]).float()
+                    SO[name] = SO[name] + g.T @ g
+                out.register_hook(on_grad)
+        return hook
+
+    def on_block(mod, args, out):                          # per-modality gradient energy at the block output
+        if ctx["fisher"] and out.requires_grad:
+            img, valid = token_tags(ctx["batch"], out)
+
+            def on_grad(g):
+                e = g.float().pow(2).sum(-1).reshape(-1) * valid
+                energy.add_(torch.stack([e[~img].sum(), e[img].sum()]).double().cpu())
+                count.add_(torch.stack([(valid & ~img).sum(), (valid & img).sum()]).double().cpu())
+            out.register_hook(on_grad)
+        elif not fisher:
+            raise StopForward                              # H_I only: the rest of the model is not needed
+
+    params = [m.weight for m in lins.values()]
+    hooks = [m.register_forward_hook(on_linear(n)) for n, m in lins.items()] + [block.register_forward_hook(on_block)]
+    n_pos = sum(int(loss_mask(b).sum()) for b in batches)
+    with hooked(hooks):
+        for i, batch in enumerate(batches):                # pass 1: H_I (and H_O with sampled labels)
+            ctx.update(batch=batch, collect=True, fisher=fisher, w=None if token_w is None else token_w[i])
+            if fisher:
+                with torch.enable_grad():
+                    for p in params:
+                        p.requires_grad_(True)
+                    sampled_nll(answer_logits(model, batch), gen).backward()
+            else:
+                try:
+                    with torch.no_grad():
+                        forward(model, batch)
+                except StopForward:
+                    pass
+        G = {}
+        if cfg.grad:                                       # pass 2: G = d mean KL / dW
+            ctx.update(collect=False, fisher=False)
+            for p in params:
+                p.grad = None
+            kl = 0.0
+            with torch.enable_grad():
+                for batch, tb in zip(batches, teacher):
+                    ctx["batch"] = batch
+                    loss = kl_to_teacher(answer_logits(model, batch), tb) / n_pos
+                    loss.backward()
+                    kl += float(loss.detach())
+            G = {n: m.weight.grad.float().clone() for n, m in lins.items()}
+            G["kl"] = kl                                   # the mean KL itself, for the trust scale
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    mw = torch.ones(2, dtype=torch.float64)                # modality multipliers [text, image]
+    if fisher and token_w is None and cfg.token_weights != "none" and (count > 0).all():
+        mw = energy / count
+    H_I = {}
+    for name in lins:
+        k = share[name]
+        n_tok = ctx["n_" + k]
+        H_I[name] = (mw[0] * S[k][0] + mw[1] * S[k][1]) / float((mw * n_tok).sum())
+    H_O = {n: (SO[n] / n_pos if fisher else None) for n in lins}
+    return H_I, H_O, G, mw
+
+
+def newton_shifts(lins: dict, H_I, H_O, G, cfg: Config, log=print) -> dict:
+    """The Newton shifts W~ - W of a block's linears (METHOD 3b), with one trust scale for the block.
+    Under the full steps the quadratic model predicts the mean KL to fall by sum_l 1/2 <G_l, W_l - W~_l>; a KL
+    cannot fall below zero, so a prediction larger than the measured KL means the damped K-FAC curvature is
+    too flat there (products of small eigenvalues of H_O and H_I): every step of the block is scaled by
+    c = min(1, KL / predicted). Our choice; without it the step can exceed the weights by orders of magnitude."""
+    shifts, gain = {}, 0.0
+    for n, lin in lins.items():
+        H = H_I[n].clone()
+        fix_dead_columns(H, lin.weight.detach().float().clone())
+        H, _ = damp_cholesky(H, cfg.damp, f"{n} H_I", log)
+        H_Od, _ = damp_cholesky(H_O[n], cfg.damp, f"{n} H_O", log)
+        W = lin.weight.detach().float()
+        shifts[n] = newton_target(W, G[n], H_Od, H, cfg.alpha) - W
+        gain -= 0.5 * float((G[n] * shifts[n]).sum())                      # 1/2 <G, S> >= 0 for alpha > 0
+    c = min(1.0, G["kl"] / gain) if gain > 0 else 1.0
+    return {n: c * s for n, s in shifts.items()}
+
+
+def quantize_linear(lin: nn.Linear, H_I, H_O, G, shift, group_bits, cfg: Config, gen, what: str, log=print):
+    """Quantize one linear (METHOD 3b-3e): damped factors, the Newton-shifted target W~ = W + shift,
+    Block-LDL sweep, codebook refit, packed VQLinear. Returns the module and the layer's figures."""
+    W = lin.weight.detach().float().clone()                                  # (m, n)
+    m, n = W.shape
+    d, gs = cfg.d, cfg.group_size
+    assert n % gs == 0, f"{what}: {n} input columns are not a multiple of --group-size {gs}"
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{what} holds NaN or Inf weights")
+    H = H_I.clone()
+    dead = fix_dead_columns(H, W)
+    if dead:
+        log(f"  {what}: {dead} dead input columns (zero curvature) set to zero")
+    H, _ = damp_cholesky(H, cfg.damp, f"{what} H_I", log)
+    s = torch.ones(m, device=W.device)
+    Wt = W
+    if cfg.grad:
+        H_Od, _ = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)
+        Wt = W + shift
+        s = H_O.diagonal() / H_O.diagonal().mean().clamp_min(1e-30)           # row weights diag(H_O)
+        s = s.clamp_min(1e-3)
+    U, D = sweep_factors(H, d)
+    tile_rows = {b: tile_rows_for(m, b, d, gs, cfg.codebook_overhead) for b in sorted(set(group_bits))}
+    scalar = cfg.method in ("rtn", "gptq")
+
+    def fit(X, Dm, K):                                                        # X (R, t, P, d)
+        if scalar:
+            return minmax_grid(X, K)
+        return int8_codebook(kmeans(X, Dm, s.reshape(X.shape[0], X.shape[1]), K, cfg.kmeans_iters, gen))
+
+    codes, Q, books, scales = vq_sweep(Wt, U, D, group_bits, gs, tile_rows, fit, cfg.feedback)
+    if not scalar:
+        Q = refit_codebooks(Wt, H, s, codes, books, scales, group_bits, gs, tile_rows)
+    vq = VQLinear.from_parts(codes, group_bits, books, scales, d, gs, tile_rows,
+                             None if lin.bias is None else lin.bias.detach(), dtype=lin.weight.dtype)
+    rel = lambda Qx: proxy_loss(W - Qx, H) / max(proxy_loss(W, H), 1e-30)    # tr(D H D^T) / tr(W H W^T)
+    Q0 = round_to(W, books, scales, group_bits, gs, tile_rows, D)             # plain rounding, no compensation
+    info = dict(err_rtn=rel(Q0), err=rel(Q))
+    if cfg.grad:                                                              # how far the Newton shift moved the target
+        info.update(shift=float((Wt - W).norm() / W.norm().clamp_min(1e-30)),
+                    proxy=proxy_loss(Q - W, H, G, H_Od), proxy_rtn=proxy_loss(Q0 - W, H, G, H_Od))
+    return vq, info
+
+
+def round_to(W, books, scales, group_bits, gs: int, tile_rows: dict, D):
+    """Plain nearest-codeword rounding of W to the given codebooks, no feedback (the 'before' figure)."""
+    m, n = W.shape
+    d = books[0].shape[-1]
+    P = gs // d
+    out = []
+    for g, b in enumerate(group_bits):
+        tr = tile_rows[b]
+        C = books[g].float() * scales[g][:, None, None]
+        a = nearest(W[:, g * gs:(g + 1) * gs].reshape(m // tr, tr, P, d), C, D[g * P:(g + 1) * P])
+        out.append(torch.gather(C, 1, a.reshape(m // tr, tr * P, 1).expand(-1, -1, d)).reshape(m, gs))
+    return torch.cat(out, 1)
+
+
+def sensitivity_allocation(model, blocks, batches, cfg: Config, gen, log=print):
+    """Step 2: on the FP model, diag(H_I) per modality and diag(H_O) of every quantized linear from one
+    forward + backward with sampled labels; trial VQ costs per column group and bit-width; the model-wide
+    allocation. Returns {layer: [bits per group]} and {layer: sensitivities}."""
+    stats, energy = {}, {}
+    ctx = {}
+
+    def on_linear(name):
+        def hook(mod, args, out):
+            x = args[0].detach()
+            img, valid = token_tags(ctx["batch"], x)
+            x2 = x.float().pow(2).reshape(-1, x.shape[-1])
+            st = stats.setdefault(name, dict(h=torch.zeros(2, x.shape[-1], device=x.device),
+                                             n=torch.zeros(2, device=x.device), o=0.0))
+            st["h"][0] += (x2 * (valid & ~img)[:, None]).sum(0)
+            st["h"][1] += (x2 * (valid & img)[:, None]).sum(0)
+            st["n"] += torch.stack([(valid & ~img).sum(), (valid & img).sum()]).float()
+
+            def on_grad(g):
+                st["o"] = st["o"] + g.float().pow(2).reshape(-1, g.shape[-1]).sum(0)
+            out.register_hook(on_grad)
+        return hook
+
+    def on_block(bname):
+        def hook(mod, args, out):
+            img, valid = token_tags(ctx["batch"], out)
+
+            def on_grad(g):
+                e = g.float().pow(2).sum(-1).reshape(-1) * valid
+                acc = energy.setdefault(bname, torch.zeros(2, 2, dtype=torch.float64))
+                acc += torch.tensor([[e[~img].sum(), e[img].sum()], [(valid & ~img).sum(), (valid & img).sum()]],
+                                    dtype=torch.float64)
+            out.register_hook(on_grad)
+        return hook
+
+    def needs_grad(mod, args):                                                # track activations, not weights
+        return (args[0].detach().requires_grad_(True),) + args[1:]
+
+    starts = {id(b) for _, b in blocks[:1]} | {id(model.model.language_model.layers[0])}
+    hooks = [b.register_forward_pre_hook(needs_grad) for _, b in blocks if id(b) in starts]
+    for bname, block in blocks:
+        hooks.append(block.register_forward_hook(on_block(bname)))
+        hooks += [m.register_forward_hook(on_linear(f"{bname}.{n}")) for n, m in linears(block).items()]
+    n_pos = sum(int(loss_mask(b).sum()) for b in batches)
+    with hooked(hooks), torch.enable_grad():
+        for batch in tqdm(batches, desc="sensitivity", leave=False):
+            ctx["batch"] = batch
+            sampled_nll(answer_logits(model, batch), gen).backward()
+    choices = bit_choices(cfg)
+    costs, sizes, owners, sens = [], [], [], {}
+    for bname, block in tqdm(blocks, desc="trial VQ", leave=False):
+        e = energy[bname]
+        mw = e[0] / e[1].clamp_min(1) if cfg.token_weights != "none" and (e[1] > 0).all() else torch.ones(2, dtype=torch.float64)
+        for n, lin in linears(block).items():
+            name, st = f"{bname}.{n}", stats[f"{bname}.{n}"]
+            W = lin.weight.detach().float()
+            m = W.shape[0]
+            h_diag = (mw[0] * st["h"][0] + mw[1] * st["h"][1]) / float((mw.to(st["n"].device) * st["n"]).sum())
+            s = st["o"] / n_pos                                               # s_i = H_O[i, i]
+            tr = lambda b, m=m: tile_rows_for(m, b, cfg.d, cfg.group_size, cfg.codebook_overhead)
+            local, glob = trial_costs(W, h_diag.float(), s.float(), choices, cfg.group_size, cfg.d, tr, cfg.trial_iters, gen)
+            costs.append(glob)
+            sizes += [m * cfg.group_size] * glob.shape[0]
+            owners += [(name, g) for g in range(glob.shape[0])]
+            sens[name] = dict(local=local.tolist(), global_=glob.tolist(), choices=choices)
+    costs, sizes = torch.cat(costs), torch.tensor(sizes)
+    pick = allocate_bits(costs, sizes, choices, int(cfg.bits * sizes.sum()))
+    alloc = {}
+    for (name, g), c in zip(owners, pick.tolist()):
+        alloc.setdefault(name, []).append(choices[c])
+    avg = float((sizes * torch.tensor(choices)[pick]).sum() / sizes.sum())
+    log(f"allocation: {len(owners)} column groups, average {avg:.4f} index bits (budget {cfg.bits})")
+    return alloc, sens
+
+
+def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
+    """Steps 1-3 of the method on a loaded model, block by block in GPTQ order. Replaces the linears of
+    the quantized blocks by VQLinear in place; returns the layouts, the allocation and per-layer figures."""
+    model = vlm.model.requires_grad_(False).eval()
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    batches = [vlm.batch(samples[i:i + cfg.batch_size]) for i in range(0, len(samples), cfg.batch_size)]
+    blocks = quantizable_blocks(model, cfg.quantize_vision)[:cfg.max_blocks]
+    decoder = {id(b) for b in model.model.language_model.layers}
+    qig = cfg.token_weights == "qig"
+    keep = [b for _, b in blocks if id(b) in decoder] if qig else []
+    teacher, fp_inputs = teacher_pass(model, batches, cfg.teacher_topk, keep) if (cfg.grad or qig) else (None, {})
+    alloc, sens = sensitivity_allocation(model, blocks, batches, cfg, gen, log) if cfg.alloc == "sensitivity" else ({}, {})
+    layouts, layers, per_block = {}, [], []
+    for l, (bname, block) in enumerate(tqdm(blocks, desc="blocks")):
+        t0 = time.time()
+        token_w = None
+        if qig and l > 0 and id(block) in decoder:            # h = h_q before anything is quantized: modality then
+            token_w = qig_token_weights(model, block, batches, fp_inputs[keep.index(block)], cfg.qig_steps)
+        H_I, H_O, G, mw = block_statistics(model, block, batches, cfg, teacher, token_w, gen)
+        shifts = newton_shifts(linears(block), H_I, H_O, G, cfg, log) if cfg.grad else {}
+        for n, lin in linears(block).items():
+            name, t1 = f"{bname}.{n}", time.time()
+            bits = alloc.get(name, [cfg.bits] * (lin.in_features // cfg.group_size))
+            vq, info = quantize_linear(lin, H_I[n], H_O[n], G.get(n), shifts.get(n), bits, cfg, gen, name, log)
+            parent, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, vq)
+            layouts[name] = vq.layout()
+            sb = vq.storage_bits()
+            row = dict(name=name, shape=[lin.out_features, lin.in_features], bits=bits,
+                       bpw=(sb["index"] + sb["codebook"] + sb["scale"]) / sb["weights"], seconds=time.time() - t1, **info)
+            if G:
+                row.update(grad_norm=float(G[n].norm()), block_kl=G["kl"])
+            layers.append(row)
+            grad = f"  shift {info['shift']:.3f}  loss {info['proxy_rtn']:.2e} -> {info['proxy']:.2e}" if "proxy" in info else ""
+            tqdm.write(f"{name:48s} {row['bpw']:.3f} b/w  err {info['err_rtn']:.4f} -> {info['err']:.4f}{grad}  {row['seconds']:.1f}s")
+        del H_I, H_O, G
+        per_block.append(dict(block=bname, seconds=time.time() - t0, peak_mem_gb=peak_mem_gb(dev)))
+        tqdm.write(f"{bname}: {per_block[-1]['seconds']:.1f}s, peak memory {per_block[-1]['peak_mem_gb']:.2f} GB")
+    total = len(quantizable_blocks(model, cfg.quantize_vision))
+    projected = sum(b["seconds"] for b in per_block) / max(len(per_block), 1) * total
+    if len(blocks) < total:
+        log(f"{len(blocks)} of {total} blocks quantized; all {total} projected at {projected / 60:.1f} min")
+    return dict(layouts=layouts, layers=layers, allocation=alloc, sensitivity=sens, blocks=per_block,
+                projected_block_seconds=projected)
+
+
+def bits_report(model, layouts) -> dict:
+    """Honest bits per weight: index + codebook + scale bits over the quantized layers' weights, and over
+    the whole model with everything else counted at 16 bits (bf16 storage, biases included)."""
+    q_bits = q_weights = other = total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, VQLinear):
+            sb = mod.storage_bits()
+            q_bits += sb["index"] + sb["codebook"] + sb["scale"]
+            q_weights += sb["weights"]
+    for name, p in model.named_parameters():
+        other += 16 * p.numel()
+        total += p.numel()
+    for name, b in model.named_buffers():
+        if name.rsplit(".", 1)[-1] == "bias" and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), VQLinear):
+            other += 16 * b.numel()
+            total += b.numel()
+    return dict(bits_per_weight=q_bits / max(q_weights, 1), bits_per_weight_model=(q_bits + other) / (q_weights + total))
+
+
+def peak_mem_gb(device) -> float:
+    """Peak memory of this process: CUDA max allocated on GPU, max RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# --- save / load
+
+def draw_allocation(alloc: dict, path: str, choices: list[int]):
+    """The allocation as a picture: one row per layer, one cell per column group, colour = bits."""
+    from PIL import Image, ImageDraw
+    colours = {1: (49, 54, 149), 2: (116, 173, 209), 3: (254, 224, 144), 4: (244, 109, 67), 5: (165, 0, 38)}
+    cell, label = 10, 360
+    width = label + cell * max(len(v) for v in alloc.values()) + 10
+    img = Image.new("RGB", (width, 20 + cell * len(alloc) + 30), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 2), "bits per column group (rows: layers)", fill="black")
+    for r, (name, bits) in enumerate(alloc.items()):
+        y = 20 + r * cell
+        draw.text((4, y - 1), name.replace("model.language_model.", "")[:56], fill="black")
+        for g, b in enumerate(bits):
+            draw.rectangle([label + g * cell, y, label + (g + 1) * cell - 2, y + cell - 2], fill=colours.get(b, (0, 0, 0)))
+    for i, b in enumerate(choices):
+        x = label + i * 60
+        draw.rectangle([x, img.height - 22, x + 12, img.height - 10], fill=colours.get(b, (0, 0, 0)))
+        draw.text((x + 16, img.height - 23), f"{b} bits", fill="black")
+    img.save(path)
+
+
+def check_out(out: str):
+    """Refuse an --out that exists and is not an empty folder, or whose parent cannot be written, up front."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out {out} already exists and is not an empty folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write into {parent}")
+
+
+def save_quantized(vlm, report: dict, out: str, choices):
+    """Write the quantized model atomically (a hidden temporary folder, renamed at the end): config,
+    tokenizer and image-processor files, model.safetensors (VQLinear buffers included), mgvq.json
+    (method, bits, VQLinear layouts, allocation, sensitivities, figures) and allocation.png.
+    eval.load_model(out) loads it back."""
+    from safetensors.torch import save_model
+    check_out(out)
+    tmp = tempfile.mkdtemp(prefix=".mgvq-", dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        vlm.model.config.save_pretrained(tmp)
+        vlm.tokenizer.save_pretrained(tmp)
+        vlm.image_processor.save_pretrained(tmp)
+        save_model(vlm.model, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "mgvq.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if report["allocation"]:
+            draw_allocation(report["allocation"], os.path.join(tmp, "allocation.png"), choices)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- CLI
+
+def run(cfg: Config, log=print, vlm=None, fp_scores=None) -> dict:
+    """One `python mgvq.py` run: load, calibrate, quantize, check the QA accuracy of FP and quantized
+    (same scorer, same run), report honest bits, optionally save."""
+    t0 = time.time()
+    cfg = resolve(cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.out:
+        check_out(cfg.out)
+    samples = load_calib(cfg)                                  # bad input fails before the model loads
+    if vlm is None:
+        vlm = (qa.random_init_model if cfg.random_init else qa.load_model)(cfg.model, cfg.device, cfg.dtype)
+    eval_set = qa.make_task("eval", cfg.eval_n, seed=0) if cfg.eval_n else []
+    if fp_scores is None and eval_set:
+        fp_scores = qa.choice_logprobs(vlm, eval_set)
+    t1 = time.time()
+    q = quantize_model(vlm, cfg, samples, log)
+    quant_s = time.time() - t1
+    check = qa.qa_check(vlm, eval_set, ref_scores=fp_scores) if eval_set else {}
+    report = dict(method=cfg.method, bits=cfg.bits, **bits_report(vlm.model, q["layouts"]),
+                  **{k: check.get(k) for k in ("accuracy_fp", "accuracy_q", "agreement", "kl", "per_kind")},
+                  seconds=time.time() - t0, quantize_seconds=quant_s, peak_mem_gb=peak_mem_gb(vlm.device),
+                  config=asdict(cfg), **q)
+    if cfg.out:
+        save_quantized(vlm, report, cfg.out, bit_choices(cfg))
+    return report
+
+
+ABLATION = [  # (label, switches on top of the method) - each adds one MGVQ component to gptvq
+    ("rtn", dict(method="rtn")),
+    ("gptq", dict(method="gptq")),
+    ("gptvq", dict(method="gptvq")),
+    ("gptvq + mixed precision", dict(method="gptvq", alloc="sensitivity")),
+    ("gptvq + gradient", dict(method="gptvq", grad=True)),
+    ("gptvq + QIG weights", dict(method="gptvq", token_weights="qig")),
+    ("gptvq + block-LDL metric", dict(method="gptvq", feedback="ldl")),
+    ("mgvq", dict(method="mgvq")),
+]
+
+
+def ablation(cfg: Config, seeds=(0, 1, 2)) -> dict:
+    """The ablation table: every row at the same bits, QA accuracy as mean +- spread over calibration seeds."""
+    vlm0 = qa.load_model(cfg.model, cfg.device, cfg.dtype)
+    eval_set = qa.make_task("eval", cfg.eval_n, seed=0)
+    fp_scores = qa.choice_logprobs(vlm0, eval_set)
+    fp_acc = sum(s.choices[j] == s.answer for s, j in zip(eval_set, fp_scores.argmax(1).tolist())) / len(eval_set)
+    rows = []
+    for label, switches in ABLATION:
+        runs = []
+        for seed in seeds:
+            c = Config(**{**asdict(cfg), **switches, "seed": seed, "out": None})
+            runs.append(run(c, log=lambda *a: None, vlm=qa.load_model(cfg.model, cfg.device, cfg.dtype), fp_scores=fp_scores))
+        acc = torch.tensor([r["accuracy_q"] for r in runs])
+        rows.append(dict(row=label, bits_per_weight=runs[0]["bits_per_weight"], accuracy_mean=float(acc.mean()),
+                         accuracy_std=float(acc.std()) if len(seeds) > 1 else 0.0, accuracies=acc.tolist(),
+                         agreement=sum(r["agreement"] for r in runs) / len(runs),
+                         kl=sum(r["kl"] for r in runs) / len(runs), seconds=sum(r["seconds"] for r in runs) / len(runs)))
+        print(f"{label:28s} {rows[-1]['bits_per_weight']:.3f} b/w  acc {rows[-1]['accuracy_mean']:.3f} "
+              f"+- {rows[-1]['accuracy_std']:.3f}  agree {rows[-1]['agreement']:.3f}  {rows[-1]['seconds']:.0f}s", flush=True)
+    print(f"\n| row | bits/weight | QA accuracy (mean +- std, {len(seeds)} seeds) | agreement with FP | KL | seconds |")
+    print("|---|---|---|---|---|---|")
+    print(f"| FP | 16 (bf16) | {fp_acc:.3f} | 1.000 | 0 | - |")
+    for r in rows:
+        print(f"| {r['row']} | {r['bits_per_weight']:.3f} | {r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f} | "
+              f"{r['agreement']:.3f} | {r['kl']:.4f} | {r['seconds']:.0f} |")
+    return dict(model=cfg.model, bits=cfg.bits, accuracy_fp=fp_acc, seeds=list(seeds), rows=rows)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                               # one line, no usage dump
+        raise ValueError(message)
+
+
+def parse_args(argv) -> tuple[Config, argparse.Namespace]:
+    """The command line maps one to one onto Config."""
+    p = Parser(description="MGVQ: ~2-bit vector quantization of a vision-language model.")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "grad":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true")
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            p.add_argument(flag, type=typ, default=f.default)
+    p.add_argument("--ablation", action="store_true", help="run the ablation table (3 calibration seeds)")
+    p.add_argument("--json", action="store_true", help="print the whole report as the last line, not the summary")
+    args = p.parse_args(argv)
+    extra = {"ablation", "json"}
+    return Config(**{k: v for k, v in vars(args).items() if k not in extra}), args
+
+
+def print_summary(r: dict):
+    f = lambda v, w: f"{v:{w}.3f}" if isinstance(v, float) else f"{'-':>{w}}"
+    print(f"\n{'method':8s} {'bits/w':>7s} {'bits/w model':>13s} {'acc FP':>7s} {'acc Q':>6s} {'agree':>6s} {'KL':>7s} {'time':>6s}")
+    print(f"{r['method']:8s} {r['bits_per_weight']:7.3f} {r['bits_per_weight_model']:13.3f} {f(r['accuracy_fp'], 7)} "
+          f"{f(r['accuracy_q'], 6)} {f(r['agreement'], 6)} {f(r['kl'], 7)} {r['seconds']:5.0f}s")
+
+
+def main(argv=None) -> int:
+    from transformers.utils import logging
+    logging.set_verbosity_error()                              # no torchvision notice, no weight-loading bar
+    logging.disable_progress_bar()
+    try:
+        cfg, args = parse_args(argv)
+        if args.ablation:
+            print(json.dumps(ablation(cfg)))
+            return 0
+        r = run(cfg)
+        print_summary(r)
+        keys = ("method", "bits", "bits_per_weight", "bits_per_weight_model", "accuracy_fp", "accuracy_q",
+                "agreement", "kl", "per_kind", "seconds", "quantize_seconds", "peak_mem_gb")
+        print(json.dumps(r if args.json else {k: r[k] for k in keys}))
+        return 0
+    except (ValueError, qa.ModelNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
