@@ -351,7 +351,7 @@ QWEN2_VL_CONFIGS = {   # the published configs' shapes, for --random-init dry ru
 }
 
 
-def random_init_model(name: str, device: str = "auto", dtype: str = "auto", image_size: int = 448) -> VLM:
+def random_init_model(name: str, device: str = "auto", dtype: str = "auto", image_size: int = 224) -> VLM:
     """A Qwen2-VL of a published size with random weights (no download), fed by the toy's tokenizer
     (its ids fit any vocabulary) and an image processor that resizes to image_size^2, for timing and memory runs."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration

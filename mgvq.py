@@ -174,6 +174,34 @@ def answer_logits(model, batch) -> torch.Tensor:
     return logits[batch["labels"][:, -k:][:, 1:] != -100].float()
 
 
+def kl_to_teacher(logits, teacher_b) -> torch.Tensor:
+    """sum over loss positions of KL(p_FP || p_current), p_FP kept as renormalised top-k. logits (N, V)."""
+    idx, logp = teacher_b
+    logq = logits.log_softmax(-1).gather(1, idx)
+    return (logp.exp() * (logp - logq)).sum()
+
+
+def sampled_nll(logits, gen) -> torch.Tensor:
+    """-sum log q(y) with y drawn from the model's own distribution: its gradients' second moment is the
+    Fisher (K-FAC / YAQA), while their mean is zero."""
+    y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)
+    return -logits.log_softmax(-1).gather(1, y).sum()
+
+
+@torch.no_grad()
+def teacher_pass(model, batches, topk: int, keep_inputs_of=()):
+    """The FP model's answer distributions (top-k, renormalised) and, for QIG, the FP inputs of some blocks."""
+    teacher, inputs = [], {i: [] for i in range(len(keep_inputs_of))}
+    hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs[i].append(args[0].detach().cpu()))
+             for i, b in enumerate(keep_inputs_of)]
+    with hooked(hooks):
+        for batch in tqdm(batches, desc="teacher", leave=False):
+            logp = answer_logits(model, batch).log_softmax(-1)
+            val, idx = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+            teacher.append((idx, val - val.logsumexp(-1, keepdim=True)))
+    return teacher, inputs
+
+
 # --- calibration statistics
 
 @contextmanager
@@ -190,6 +218,20 @@ class StopForward(Exception):
     """Raised from a hook once it has what it needs: the rest of the forward is skipped."""
 
 
+def quantizable_blocks(model, vision: bool) -> list[tuple[str, nn.Module]]:
+    """Blocks in quantization order, found by walking the containers (module *names* moved between
+    transformers 4.x and 5.x; name patterns quantized the vision tower by accident in peer tools).
+    Vision blocks first (opt-in), then the decoder layers; embeddings, lm_head and the merger stay."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    blocks = list(model.model.visual.blocks) if vision else []
+    blocks += list(model.model.language_model.layers)
+    return [(names[id(b)], b) for b in blocks]
+
+
+def linears(block) -> dict[str, nn.Linear]:
+    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+
+
 def token_tags(batch, x: torch.Tensor):
     """Per-token (image?, valid?) flags for an activation x (..., n) of this batch. Activations that are not
     laid out (B, T) - the vision tower's patches - count as valid image tokens."""
@@ -202,7 +244,7 @@ def token_tags(batch, x: torch.Tensor):
 
 def hessian_add(S: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
     """S += sum_t w_t x_t x_t^T, accumulated in fp32 (bf16 outer products lose the small directions)."""
-    x = x.reshape(-1, x.shape[-1]).float()                             # (T, n)
+    x = x.detach().reshape(-1, x.shape[-1]).float()                    # (T, n); no autograd history in S
     S.addmm_((x * w[:, None]).T, x)
 
 
@@ -230,6 +272,154 @@ def fix_dead_columns(H: torch.Tensor, W: torch.Tensor):
     return int(dead.sum())
 
 
+def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
+    """Kronecker factors of one block's linears, from the *current* model (earlier blocks quantized):
+      H_I = sum_t w_t x_t x_t^T / sum_t w_t        one per input (q/k/v share theirs, gate/up theirs)
+      H_O = sum_t g_t g_t^T / N                    g from a backward with sampled labels (Fisher), N loss positions
+      G   = dKL(p_FP || p_current)/dW             mean over the N loss positions, from a second backward
+    so that l(D) = <G, D> + 1/2 tr(H_O D H_I D^T) estimates the change of the mean KL (K-FAC: H ~ H_O (x) H_I).
+    Token weights w_t: QIG (token_w), or per modality the mean block-output gradient energy |g_t|^2."""
+    lins = linears(block)
+    fisher = cfg.grad or cfg.token_weights != "none"
+    S, SO, share, seen = {}, {name: 0.0 for name in lins}, {}, {}
+    energy, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    ctx = {}
+
+    def on_linear(name):
+        def hook(mod, args, out):
+            x = args[0]
+            if name not in share:                          # first batch: who else is fed this very tensor?
+                share[name] = next((k for k, t in seen.items() if t is x), name)
+                seen[name] = x
+            if share[name] == name and ctx["collect"]:
+                img, valid = token_tags(ctx["batch"], x)
+                w = valid.float() * (ctx["w"] if ctx["w"] is not None else 1.0)
+                acc = S.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device) for _ in range(2)])
+                hessian_add(acc[0], x, w * ~img)           # text tokens
+                hessian_add(acc[1], x, w * img)            # image tokens
+                n_tok = ctx.setdefault("n_" + name, torch.zeros(2, dtype=torch.float64))
+                n_tok += torch.stack([(w * ~img).sum(), (w * img).sum()]).double().cpu()
+            if ctx["fisher"] and out.requires_grad:
+                def on_grad(g, name=name):
+                    g = g.detach().reshape(-1, g.shape[-1]).float()
+                    SO[name] = SO[name] + g.T @ g
+                out.register_hook(on_grad)
+        return hook
+
+    def on_block(mod, args, out):                          # per-modality gradient energy at the block output
+        if ctx["fisher"] and out.requires_grad:
+            img, valid = token_tags(ctx["batch"], out)
+
+            def on_grad(g):
+                e = g.float().pow(2).sum(-1).reshape(-1) * valid
+                energy.add_(torch.stack([e[~img].sum(), e[img].sum()]).double().cpu())
+                count.add_(torch.stack([(valid & ~img).sum(), (valid & img).sum()]).double().cpu())
+            out.register_hook(on_grad)
+        elif not fisher:
+            raise StopForward                              # H_I only: the rest of the model is not needed
+
+    params = [m.weight for m in lins.values()]
+    hooks = [m.register_forward_hook(on_linear(n)) for n, m in lins.items()] + [block.register_forward_hook(on_block)]
+    n_pos = sum(int(loss_mask(b).sum()) for b in batches)
+    with hooked(hooks):
+        for i, batch in enumerate(batches):                # pass 1: H_I (and H_O with sampled labels)
+            ctx.update(batch=batch, collect=True, fisher=fisher, w=None if token_w is None else token_w[i])
+            if fisher:
+                with torch.enable_grad():
+                    for p in params:
+                        p.requires_grad_(True)
+                    sampled_nll(answer_logits(model, batch), gen).backward()
+            else:
+                try:
+                    with torch.no_grad():
+                        forward(model, batch)
+                except StopForward:
+                    pass
+        G = {}
+        if cfg.grad:                                       # pass 2: G = d mean KL / dW
+            ctx.update(collect=False, fisher=False)
+            for p in params:
+                p.grad = None
+            kl = 0.0
+            with torch.enable_grad():
+                for batch, tb in zip(batches, teacher):
+                    ctx["batch"] = batch
+                    loss = kl_to_teacher(answer_logits(model, batch), tb) / n_pos
+                    loss.backward()
+                    kl += float(loss.detach())
+            G = {n: m.weight.grad.float().clone() for n, m in lins.items()}
+            G["kl"] = kl                                   # the mean KL itself, for the trust scale
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    mw = torch.ones(2, dtype=torch.float64)                # modality multipliers [text, image]
+    if fisher and token_w is None and cfg.token_weights != "none" and (count > 0).all():
+        mw = energy / count
+    H_I = {}
+    for name in lins:
+        k = share[name]
+        n_tok = ctx["n_" + k]
+        H_I[name] = (mw[0] * S[k][0] + mw[1] * S[k][1]) / float((mw * n_tok).sum())
+    H_O = {n: (SO[n] / n_pos if fisher else None) for n in lins}
+    return H_I, H_O, G, mw
+
+
+# --- token weights (QIG)
+
+def integrated_gradients(loss_fn, h, h_q, steps: int) -> torch.Tensor:
+    """QIG attribution of each token: |(h_t - h_q,t) . (1/S) sum_s dloss/dh_t at h_q + (s/S)(h - h_q)|
+    (Riemann sum of the path integral from the quantized input h_q to the FP input h). h, h_q (..., T, n) -> (..., T)."""
+    total = torch.zeros_like(h)
+    for s in range(1, steps + 1):
+        z = (h_q + s / steps * (h - h_q)).detach().requires_grad_(True)
+        (gz,) = torch.autograd.grad(loss_fn(z), z)
+        total += gz
+    return ((h - h_q) * total / steps).sum(-1).abs()
+
+
+def normalise_weights(a: torch.Tensor, valid: torch.Tensor, clip: float = 20.0) -> torch.Tensor:
+    """Token weights with mean 1 over the valid tokens (so they sum to the token count), clipped to
+    [1/clip, clip] before the final renormalisation so that no token is dropped or dominates."""
+    a = a * valid
+    w = (a / a[valid].mean().clamp_min(1e-30)).clamp(1 / clip, clip) * valid
+    return w * valid.sum() / w.sum()
+
+
+def block_input(model, block, batch) -> torch.Tensor:
+    """The current model's input to `block` for this batch (the rest of the forward is skipped)."""
+    got = []
+
+    def grab(mod, args):
+        got.append(args[0].detach())
+        raise StopForward
+
+    with torch.no_grad(), hooked([block.register_forward_pre_hook(grab)]):
+        try:
+            forward(model, batch)
+        except StopForward:
+            pass
+    return got[0]
+
+
+def qig_token_weights(model, block, batches, fp_inputs, steps: int) -> list[torch.Tensor]:
+    """Token-level weights for H_I from quantization-aware integrated gradients (seed QIG): the answer loss
+    attributed to each token's block input along the path from the current model's input to the FP one."""
+    attrs = []
+    for batch, h in zip(batches, fp_inputs):
+        h_q = block_input(model, block, batch).float()
+        labels = batch["labels"][:, 1:][loss_mask(batch)]
+
+        def loss_fn(z):                                   # the answer loss with z injected as this block's input
+            inject = block.register_forward_pre_hook(lambda mod, args: (z.to(args[0].dtype),) + args[1:])
+            with hooked([inject]):
+                return F.cross_entropy(answer_logits(model, batch), labels, reduction="sum")
+
+        attrs.append(integrated_gradients(loss_fn, h.to(h_q.device).float(), h_q, steps))
+    valid = torch.cat([(b["attention_mask"] > 0).reshape(-1) for b in batches])
+    w = normalise_weights(torch.cat([a.reshape(-1) for a in attrs]), valid)
+    return list(w.split([a.numel() for a in attrs]))
+
+
 # --- vector quantization
 
 def block_ldl(H: torch.Tensor, d: int):
@@ -254,7 +444,7 @@ def sweep_factors(H: torch.Tensor, d: int):
     return L.flip(0, 1), D.flip(0).flip(1, 2)
 
 
-def nearest(X: torch.Tensor, C: torch.Tensor, D: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+def nearest(X: torch.Tensor, C: torch.Tensor, D: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     """Index of the codeword nearest to each vector under the quadratic metric of its position:
     argmin_c (x - c) D_p (x - c)^T = argmin_c c D_p c^T - 2 x D_p c^T.  X (R, t, P, d) vectors of R tiles,
     C (R, K, d) a codebook per tile, D (P, d, d) a metric per vector position -> (R, t, P)."""
@@ -390,7 +580,7 @@ def refit_codebooks(Wt, H, s, codes, books, scales, group_bits, group_size: int,
         slot = (codes[:, g * P:(g + 1) * P, None] * d + torch.arange(d, device=Wt.device)).reshape(m, group_size)
         Hgg = H[c0:c1, c0:c1]
         gram, rhs = [], []
-        step = max(1, (1 << 24) // (tr * group_size * K * d))                 # tiles per chunk, bounded memory
+        step = max(1, (1 << 22) // (tr * group_size * K * d))                 # tiles per chunk, bounded memory
         for r in range(0, R, step):                                           # gram = sum_i s_i O_i^T Hgg O_i per tile
             rows = slice(r * tr, min(R, r + step) * tr)
             O = F.one_hot(slot[rows], K * d).to(Wt.dtype).reshape(-1, tr, group_size, K * d)   # (r, tr, gs, Kd)
@@ -411,6 +601,20 @@ def refit_codebooks(Wt, H, s, codes, books, scales, group_bits, group_size: int,
     return Q
 
 
+def round_to(W, books, scales, group_bits, gs: int, tile_rows: dict, D):
+    """Plain nearest-codeword rounding of W to the given codebooks, no feedback (the 'before' figure)."""
+    m, n = W.shape
+    d = books[0].shape[-1]
+    P = gs // d
+    out = []
+    for g, b in enumerate(group_bits):
+        tr = tile_rows[b]
+        C = books[g].float() * scales[g][:, None, None]
+        a = nearest(W[:, g * gs:(g + 1) * gs].reshape(m // tr, tr, P, d), C, D[g * P:(g + 1) * P])
+        out.append(torch.gather(C, 1, a.reshape(m // tr, tr * P, 1).expand(-1, -1, d)).reshape(m, gs))
+    return torch.cat(out, 1)
+
+
 # --- gradient-Hessian compensation
 
 def newton_target(W, G, H_O, H_I, alpha: float = 1.0):
@@ -429,6 +633,25 @@ def proxy_loss(delta, H_I, G=None, H_O=None) -> float:
     dH = delta @ H_I
     quad = (dH * (delta if H_O is None else H_O @ delta)).sum()
     return float((0.0 if G is None else (G * delta).sum()) + 0.5 * quad.detach())
+
+
+def newton_shifts(lins: dict, H_I, H_O, G, cfg: Config, log=print) -> dict:
+    """The Newton shifts W~ - W of a block's linears (METHOD 3b), with one trust scale for the block.
+    Under the full steps the quadratic model predicts the mean KL to fall by sum_l 1/2 <G_l, W_l - W~_l>; a KL
+    cannot fall below zero, so a prediction larger than the measured KL means the damped K-FAC curvature is
+    too flat there (products of small eigenvalues of H_O and H_I): every step of the block is scaled by
+    c = min(1, KL / predicted). Our choice; without it the step can exceed the weights by orders of magnitude."""
+    shifts, gain = {}, 0.0
+    for n, lin in lins.items():
+        H = H_I[n].clone()
+        fix_dead_columns(H, lin.weight.detach().float().clone())
+        H, _ = damp_cholesky(H, cfg.damp, f"{n} H_I", log)
+        H_Od, _ = damp_cholesky(H_O[n], cfg.damp, f"{n} H_O", log)
+        W = lin.weight.detach().float()
+        shifts[n] = newton_target(W, G[n], H_Od, H, cfg.alpha) - W
+        gain -= 0.5 * float((G[n] * shifts[n]).sum())                      # 1/2 <G, S> >= 0 for alpha > 0
+    c = min(1.0, G["kl"] / gain) if gain > 0 else 1.0
+    return {n: c * s for n, s in shifts.items()}
 
 
 # --- sensitivity
@@ -491,273 +714,6 @@ def allocate_bits(costs: torch.Tensor, sizes: torch.Tensor, choices: list[int], 
         gain = costs[torch.arange(len(a)), a] - costs[torch.arange(len(a)), (a + 1).clamp_max(len(choices) - 1)]
         ratio = torch.where(ok, gain / extra, torch.tensor(-math.inf, dtype=torch.float64))
         a[int(ratio.argmax())] += 1
-
-
-# --- driver
-
-def quantizable_blocks(model, vision: bool) -> list[tuple[str, nn.Module]]:
-    """Blocks in quantization order, found by walking the containers (module *names* moved between
-    transformers 4.x and 5.x; name patterns quantized the vision tower by accident in peer tools).
-    Vision blocks first (opt-in), then the decoder layers; embeddings, lm_head and the merger stay."""
-    names = {id(mod): name for name, mod in model.named_modules()}
-    blocks = list(model.model.visual.blocks) if vision else []
-    blocks += list(model.model.language_model.layers)
-    return [(names[id(b)], b) for b in blocks]
-
-
-def linears(block) -> dict[str, nn.Linear]:
-    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
-
-
-def kl_to_teacher(logits, teacher_b) -> torch.Tensor:
-    """sum over loss positions of KL(p_FP || p_current), p_FP kept as renormalised top-k. logits (N, V)."""
-    idx, logp = teacher_b
-    logq = logits.log_softmax(-1).gather(1, idx)
-    return (logp.exp() * (logp - logq)).sum()
-
-
-def sampled_nll(logits, gen) -> torch.Tensor:
-    """-sum log q(y) with y drawn from the model's own distribution: its gradients' second moment is the
-    Fisher (K-FAC / YAQA), while their mean is zero."""
-    y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)
-    return -logits.log_softmax(-1).gather(1, y).sum()
-
-
-@torch.no_grad()
-def teacher_pass(model, batches, topk: int, keep_inputs_of=()):
-    """The FP model's answer distributions (top-k, renormalised) and, for QIG, the FP inputs of some blocks."""
-    teacher, inputs = [], {i: [] for i in range(len(keep_inputs_of))}
-    hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs[i].append(args[0].detach().cpu()))
-             for i, b in enumerate(keep_inputs_of)]
-    with hooked(hooks):
-        for batch in tqdm(batches, desc="teacher", leave=False):
-            logp = answer_logits(model, batch).log_softmax(-1)
-            val, idx = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-            teacher.append((idx, val - val.logsumexp(-1, keepdim=True)))
-    return teacher, inputs
-
-
-def integrated_gradients(loss_fn, h, h_q, steps: int) -> torch.Tensor:
-    """QIG attribution of each token: |(h_t - h_q,t) . (1/S) sum_s dloss/dh_t at h_q + (s/S)(h - h_q)|
-    (Riemann sum of the path integral from the quantized input h_q to the FP input h). h, h_q (..., T, n) -> (..., T)."""
-    total = torch.zeros_like(h)
-    for s in range(1, steps + 1):
-        z = (h_q + s / steps * (h - h_q)).detach().requires_grad_(True)
-        (gz,) = torch.autograd.grad(loss_fn(z), z)
-        total += gz
-    return ((h - h_q) * total / steps).sum(-1).abs()
-
-
-def normalise_weights(a: torch.Tensor, valid: torch.Tensor, clip: float = 20.0) -> torch.Tensor:
-    """Token weights with mean 1 over the valid tokens (so they sum to the token count), clipped to
-    [1/clip, clip] before the final renormalisation so that no token is dropped or dominates."""
-    a = a * valid
-    w = (a / a[valid].mean().clamp_min(1e-30)).clamp(1 / clip, clip) * valid
-    return w * valid.sum() / w.sum()
-
-
-def block_input(model, block, batch) -> torch.Tensor:
-    """The current model's input to `block` for this batch (the rest of the forward is skipped)."""
-    got = []
-
-    def grab(mod, args):
-        got.append(args[0].detach())
-        raise StopForward
-
-    with torch.no_grad(), hooked([block.register_forward_pre_hook(grab)]):
-        try:
-            forward(model, batch)
-        except StopForward:
-            pass
-    return got[0]
-
-
-def qig_token_weights(model, block, batches, fp_inputs, steps: int) -> list[torch.Tensor]:
-    """Token-level weights for H_I from quantization-aware integrated gradients (seed QIG): the answer loss
-    attributed to each token's block input along the path from the current model's input to the FP one."""
-    attrs = []
-    for batch, h in zip(batches, fp_inputs):
-        h_q = block_input(model, block, batch).float()
-        labels = batch["labels"][:, 1:][loss_mask(batch)]
-
-        def loss_fn(z):                                   # the answer loss with z injected as this block's input
-            inject = block.register_forward_pre_hook(lambda mod, args: (z.to(args[0].dtype),) + args[1:])
-            with hooked([inject]):
-                return F.cross_entropy(answer_logits(model, batch), labels, reduction="sum")
-
-        attrs.append(integrated_gradients(loss_fn, h.to(h_q.device).float(), h_q, steps))
-    valid = torch.cat([(b["attention_mask"] > 0).reshape(-1) for b in batches])
-    w = normalise_weights(torch.cat([a.reshape(-1) for a in attrs]), valid)
-    return list(w.split([a.numel() for a in attrs]))
-
-
-def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
-    """Kronecker factors of one block's linears, from the *current* model (earlier blocks quantized):
-      H_I = sum_t w_t x_t x_t^T / sum_t w_t        one per input (q/k/v share theirs, gate/up theirs)
-      H_O = sum_t g_t g_t^T / N                    g from a backward with sampled labels (Fisher), N loss positions
-      G   = dKL(p_FP || p_current)/dW             mean over the N loss positions, from a second backward
-    so that l(D) = <G, D> + 1/2 tr(H_O D H_I D^T) estimates the change of the mean KL (K-FAC: H ~ H_O (x) H_I).
-    Token weights w_t: QIG (token_w), or per modality the mean block-output gradient energy |g_t|^2."""
-    lins = linears(block)
-    fisher = cfg.grad or cfg.token_weights != "none"
-    S, SO, share, seen = {}, {name: 0.0 for name in lins}, {}, {}
-    energy, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    ctx = {}
-
-    def on_linear(name):
-        def hook(mod, args, out):
-            x = args[0]
-            if name not in share:                          # first batch: who else is fed this very tensor?
-                share[name] = next((k for k, t in seen.items() if t is x), name)
-                seen[name] = x
-            if share[name] == name and ctx["collect"]:
-                img, valid = token_tags(ctx["batch"], x)
-                w = valid.float() * (ctx["w"] if ctx["w"] is not None else 1.0)
-                acc = S.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device) for _ in range(2)])
-                hessian_add(acc[0], x, w * ~img)           # text tokens
-                hessian_add(acc[1], x, w * img)            # image tokens
-                n_tok = ctx.setdefault("n_" + name, torch.zeros(2, dtype=torch.float64))
-                n_tok += torch.stack([(w * ~img).sum(), (w * img).sum()]).double().cpu()
-            if ctx["fisher"] and out.requires_grad:
-                def on_grad(g, name=name):
-                    g = g.reshape(-1, g.shape[-1]).float()
-                    SO[name] = SO[name] + g.T @ g
-                out.register_hook(on_grad)
-        return hook
-
-    def on_block(mod, args, out):                          # per-modality gradient energy at the block output
-        if ctx["fisher"] and out.requires_grad:
-            img, valid = token_tags(ctx["batch"], out)
-
-            def on_grad(g):
-                e = g.float().pow(2).sum(-1).reshape(-1) * valid
-                energy.add_(torch.stack([e[~img].sum(), e[img].sum()]).double().cpu())
-                count.add_(torch.stack([(valid & ~img).sum(), (valid & img).sum()]).double().cpu())
-            out.register_hook(on_grad)
-        elif not fisher:
-            raise StopForward                              # H_I only: the rest of the model is not needed
-
-    params = [m.weight for m in lins.values()]
-    hooks = [m.register_forward_hook(on_linear(n)) for n, m in lins.items()] + [block.register_forward_hook(on_block)]
-    n_pos = sum(int(loss_mask(b).sum()) for b in batches)
-    with hooked(hooks):
-        for i, batch in enumerate(batches):                # pass 1: H_I (and H_O with sampled labels)
-            ctx.update(batch=batch, collect=True, fisher=fisher, w=None if token_w is None else token_w[i])
-            if fisher:
-                with torch.enable_grad():
-                    for p in params:
-                        p.requires_grad_(True)
-                    sampled_nll(answer_logits(model, batch), gen).backward()
-            else:
-                try:
-                    with torch.no_grad():
-                        forward(model, batch)
-                except StopForward:
-                    pass
-        G = {}
-        if cfg.grad:                                       # pass 2: G = d mean KL / dW
-            ctx.update(collect=False, fisher=False)
-            for p in params:
-                p.grad = None
-            kl = 0.0
-            with torch.enable_grad():
-                for batch, tb in zip(batches, teacher):
-                    ctx["batch"] = batch
-                    loss = kl_to_teacher(answer_logits(model, batch), tb) / n_pos
-                    loss.backward()
-                    kl += float(loss.detach())
-            G = {n: m.weight.grad.float().clone() for n, m in lins.items()}
-            G["kl"] = kl                                   # the mean KL itself, for the trust scale
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-    mw = torch.ones(2, dtype=torch.float64)                # modality multipliers [text, image]
-    if fisher and token_w is None and cfg.token_weights != "none" and (count > 0).all():
-        mw = energy / count
-    H_I = {}
-    for name in lins:
-        k = share[name]
-        n_tok = ctx["n_" + k]
-        H_I[name] = (mw[0] * S[k][0] + mw[1] * S[k][1]) / float((mw * n_tok).sum())
-    H_O = {n: (SO[n] / n_pos if fisher else None) for n in lins}
-    return H_I, H_O, G, mw
-
-
-def newton_shifts(lins: dict, H_I, H_O, G, cfg: Config, log=print) -> dict:
-    """The Newton shifts W~ - W of a block's linears (METHOD 3b), with one trust scale for the block.
-    Under the full steps the quadratic model predicts the mean KL to fall by sum_l 1/2 <G_l, W_l - W~_l>; a KL
-    cannot fall below zero, so a prediction larger than the measured KL means the damped K-FAC curvature is
-    too flat there (products of small eigenvalues of H_O and H_I): every step of the block is scaled by
-    c = min(1, KL / predicted). Our choice; without it the step can exceed the weights by orders of magnitude."""
-    shifts, gain = {}, 0.0
-    for n, lin in lins.items():
-        H = H_I[n].clone()
-        fix_dead_columns(H, lin.weight.detach().float().clone())
-        H, _ = damp_cholesky(H, cfg.damp, f"{n} H_I", log)
-        H_Od, _ = damp_cholesky(H_O[n], cfg.damp, f"{n} H_O", log)
-        W = lin.weight.detach().float()
-        shifts[n] = newton_target(W, G[n], H_Od, H, cfg.alpha) - W
-        gain -= 0.5 * float((G[n] * shifts[n]).sum())                      # 1/2 <G, S> >= 0 for alpha > 0
-    c = min(1.0, G["kl"] / gain) if gain > 0 else 1.0
-    return {n: c * s for n, s in shifts.items()}
-
-
-def quantize_linear(lin: nn.Linear, H_I, H_O, G, shift, group_bits, cfg: Config, gen, what: str, log=print):
-    """Quantize one linear (METHOD 3b-3e): damped factors, the Newton-shifted target W~ = W + shift,
-    Block-LDL sweep, codebook refit, packed VQLinear. Returns the module and the layer's figures."""
-    W = lin.weight.detach().float().clone()                                  # (m, n)
-    m, n = W.shape
-    d, gs = cfg.d, cfg.group_size
-    assert n % gs == 0, f"{what}: {n} input columns are not a multiple of --group-size {gs}"
-    if not torch.isfinite(W).all():
-        raise ValueError(f"{what} holds NaN or Inf weights")
-    H = H_I.clone()
-    dead = fix_dead_columns(H, W)
-    if dead:
-        log(f"  {what}: {dead} dead input columns (zero curvature) set to zero")
-    H, _ = damp_cholesky(H, cfg.damp, f"{what} H_I", log)
-    s = torch.ones(m, device=W.device)
-    Wt = W
-    if cfg.grad:
-        H_Od, _ = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)
-        Wt = W + shift
-        s = H_O.diagonal() / H_O.diagonal().mean().clamp_min(1e-30)           # row weights diag(H_O)
-        s = s.clamp_min(1e-3)
-    U, D = sweep_factors(H, d)
-    tile_rows = {b: tile_rows_for(m, b, d, gs, cfg.codebook_overhead) for b in sorted(set(group_bits))}
-    scalar = cfg.method in ("rtn", "gptq")
-
-    def fit(X, Dm, K):                                                        # X (R, t, P, d)
-        if scalar:
-            return minmax_grid(X, K)
-        return int8_codebook(kmeans(X, Dm, s.reshape(X.shape[0], X.shape[1]), K, cfg.kmeans_iters, gen))
-
-    codes, Q, books, scales = vq_sweep(Wt, U, D, group_bits, gs, tile_rows, fit, cfg.feedback)
-    if not scalar:
-        Q = refit_codebooks(Wt, H, s, codes, books, scales, group_bits, gs, tile_rows)
-    vq = VQLinear.from_parts(codes, group_bits, books, scales, d, gs, tile_rows,
-                             None if lin.bias is None else lin.bias.detach(), dtype=lin.weight.dtype)
-    rel = lambda Qx: proxy_loss(W - Qx, H) / max(proxy_loss(W, H), 1e-30)    # tr(D H D^T) / tr(W H W^T)
-    Q0 = round_to(W, books, scales, group_bits, gs, tile_rows, D)             # plain rounding, no compensation
-    info = dict(err_rtn=rel(Q0), err=rel(Q))
-    if cfg.grad:                                                              # how far the Newton shift moved the target
-        info.update(shift=float((Wt - W).norm() / W.norm().clamp_min(1e-30)),
-                    proxy=proxy_loss(Q - W, H, G, H_Od), proxy_rtn=proxy_loss(Q0 - W, H, G, H_Od))
-    return vq, info
-
-
-def round_to(W, books, scales, group_bits, gs: int, tile_rows: dict, D):
-    """Plain nearest-codeword rounding of W to the given codebooks, no feedback (the 'before' figure)."""
-    m, n = W.shape
-    d = books[0].shape[-1]
-    P = gs // d
-    out = []
-    for g, b in enumerate(group_bits):
-        tr = tile_rows[b]
-        C = books[g].float() * scales[g][:, None, None]
-        a = nearest(W[:, g * gs:(g + 1) * gs].reshape(m // tr, tr, P, d), C, D[g * P:(g + 1) * P])
-        out.append(torch.gather(C, 1, a.reshape(m // tr, tr * P, 1).expand(-1, -1, d)).reshape(m, gs))
-    return torch.cat(out, 1)
 
 
 def sensitivity_allocation(model, blocks, batches, cfg: Config, gen, log=print):
@@ -833,6 +789,52 @@ def sensitivity_allocation(model, blocks, batches, cfg: Config, gen, log=print):
     avg = float((sizes * torch.tensor(choices)[pick]).sum() / sizes.sum())
     log(f"allocation: {len(owners)} column groups, average {avg:.4f} index bits (budget {cfg.bits})")
     return alloc, sens
+
+
+# --- driver
+
+def quantize_linear(lin: nn.Linear, H_I, H_O, G, shift, group_bits, cfg: Config, gen, what: str, log=print):
+    """Quantize one linear (METHOD 3b-3e): damped factors, the Newton-shifted target W~ = W + shift,
+    Block-LDL sweep, codebook refit, packed VQLinear. Returns the module and the layer's figures."""
+    W = lin.weight.detach().float().clone()                                  # (m, n)
+    m, n = W.shape
+    d, gs = cfg.d, cfg.group_size
+    assert n % gs == 0, f"{what}: {n} input columns are not a multiple of --group-size {gs}"
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{what} holds NaN or Inf weights")
+    H = H_I.clone()
+    dead = fix_dead_columns(H, W)
+    if dead:
+        log(f"  {what}: {dead} dead input columns (zero curvature) set to zero")
+    H, _ = damp_cholesky(H, cfg.damp, f"{what} H_I", log)
+    s = torch.ones(m, device=W.device)
+    Wt = W
+    if cfg.grad:
+        H_Od, _ = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)
+        Wt = W + shift
+        s = H_O.diagonal() / H_O.diagonal().mean().clamp_min(1e-30)           # row weights diag(H_O)
+        s = s.clamp_min(1e-3)
+    U, D = sweep_factors(H, d)
+    tile_rows = {b: tile_rows_for(m, b, d, gs, cfg.codebook_overhead) for b in sorted(set(group_bits))}
+    scalar = cfg.method in ("rtn", "gptq")
+
+    def fit(X, Dm, K):                                                        # X (R, t, P, d)
+        if scalar:
+            return minmax_grid(X, K)
+        return int8_codebook(kmeans(X, Dm, s.reshape(X.shape[0], X.shape[1]), K, cfg.kmeans_iters, gen))
+
+    codes, Q, books, scales = vq_sweep(Wt, U, D, group_bits, gs, tile_rows, fit, cfg.feedback)
+    if not scalar:
+        Q = refit_codebooks(Wt, H, s, codes, books, scales, group_bits, gs, tile_rows)
+    vq = VQLinear.from_parts(codes, group_bits, books, scales, d, gs, tile_rows,
+                             None if lin.bias is None else lin.bias.detach(), dtype=lin.weight.dtype)
+    rel = lambda Qx: proxy_loss(W - Qx, H) / max(proxy_loss(W, H), 1e-30)    # tr(D H D^T) / tr(W H W^T)
+    Q0 = round_to(W, books, scales, group_bits, gs, tile_rows, D)             # plain rounding, no compensation
+    info = dict(err_rtn=rel(Q0), err=rel(Q))
+    if cfg.grad:                                                              # how far the Newton shift moved the target
+        info.update(shift=float((Wt - W).norm() / W.norm().clamp_min(1e-30)),
+                    proxy=proxy_loss(Q - W, H, G, H_Od), proxy_rtn=proxy_loss(Q0 - W, H, G, H_Od))
+    return vq, info
 
 
 def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
