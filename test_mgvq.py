@@ -455,6 +455,23 @@ def test_sweep_beats_nearest_and_matches_brute_force():
         assert loss(Q[i], W[i]) >= best - 1e-12
 
 
+def test_single_block_sweep_equals_brute_force():
+    """With one d-block per group there is nothing to feed back: the sweep must find the exact optimum."""
+    torch.manual_seed(8)
+    d, K = 2, 16
+    H = spd(d, seed=4, cond=0.05)
+    W = torch.randn(5, d, dtype=torch.float64)
+    cb = torch.randint(-60, 60, (1, K, d), dtype=torch.int8)
+    scale = torch.tensor([0.02], dtype=torch.float64)
+    fit = lambda X, Dm, K_: (cb.expand(X.shape[0], -1, -1).clone(), scale.expand(X.shape[0]).clone())
+    U, D = mgvq.sweep_factors(H, d)
+    _, Q, _, _ = mgvq.vq_sweep(W, U, D, [2], d, {2: 1}, fit, "ldl")
+    C = cb[0].double() * scale
+    for i in range(5):
+        costs = torch.stack([(W[i] - c) @ H @ (W[i] - c) for c in C])
+        assert torch.allclose(Q[i], C[costs.argmin()])
+
+
 def test_codewords_round_trip_exactly():
     torch.manual_seed(2)
     m, n, d = 16, 8, 2
@@ -776,3 +793,17 @@ def test_cli_subprocess_error_has_no_traceback():
                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 2 and run.stderr.startswith("error: ") and "Traceback" not in run.stderr
     assert "--model" in run.stderr and run.stderr.strip().count("\n") == 0
+
+
+def test_newton_shift_trust_scale():
+    """Full Newton step when the quadratic model predicts less than the measured KL; scaled to c = KL / predicted
+    when it predicts more (a KL cannot fall below zero)."""
+    torch.manual_seed(7)
+    lin = torch.nn.Linear(4, 3, bias=False)
+    G = torch.randn(3, 4)
+    cfg = mgvq.resolve(mgvq.Config(method="mgvq"))
+    eye = lambda k: torch.eye(k)
+    predicted = 0.5 * float((G ** 2).sum()) / (1 + cfg.damp) ** 2      # H_O = H_I = I, damped by 1 %
+    for kl, c in ((10 * predicted, 1.0), (0.25 * predicted, 0.25)):
+        shifts = mgvq.newton_shifts({"a": lin}, {"a": eye(4)}, {"a": eye(3)}, {"a": G, "kl": kl}, cfg)
+        assert torch.allclose(shifts["a"], -c * G / (1 + cfg.damp) ** 2, atol=1e-6)
