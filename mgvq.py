@@ -609,9 +609,9 @@ def round_to(W, books, scales, group_bits, gs: int, tile_rows: dict, D):
     out = []
     for g, b in enumerate(group_bits):
         tr = tile_rows[b]
-        C = books[g].float() * scales[g][:, None, None]
-        a = nearest(W[:, g * gs:(g + 1) * gs].reshape(m // tr, tr, P, d), C, D[g * P:(g + 1) * P])
-        out.append(torch.gather(C, 1, a.reshape(m // tr, tr * P, 1).expand(-1, -1, d)).reshape(m, gs))
+        a = nearest(W[:, g * gs:(g + 1) * gs].reshape(m // tr, tr, P, d), books[g].float() * scales[g][:, None, None],
+                    D[g * P:(g + 1) * P])                                     # (R, tr, P)
+        out.append(dequant_group(a.reshape(m, P), books[g], scales[g], tr))
     return torch.cat(out, 1)
 
 
@@ -673,9 +673,8 @@ def trial_costs(W, h_diag, s, choices, group_size: int, d: int, tile_rows, iters
             tr = tile_rows(b)
             X = W[:, cols].reshape(m // tr, tr, P, d)
             Cq, sc = int8_codebook(kmeans(X, D, s.reshape(m // tr, tr), 2 ** (b * d), iters, gen))
-            Cd = Cq.float() * sc[:, None, None]
-            a = nearest(X, Cd, D)                                             # (R, tr, P)
-            Q = torch.gather(Cd, 1, a.reshape(m // tr, tr * P, 1).expand(-1, -1, d)).reshape(m, group_size)
+            a = nearest(X, Cq.float() * sc[:, None, None], D)                 # (R, tr, P)
+            Q = dequant_group(a.reshape(m, P), Cq, sc, tr)                    # (m, gs)
             err = (W[:, cols] - Q) ** 2 * h_diag[cols]                        # (m, gs)
             local[g, c] = float(err.sum())
             glob[g, c] = 0.5 * float((s[:, None] * err).sum())
