@@ -807,3 +807,13 @@ def test_newton_shift_trust_scale():
     for kl, c in ((10 * predicted, 1.0), (0.25 * predicted, 0.25)):
         shifts = mgvq.newton_shifts({"a": lin}, {"a": eye(4)}, {"a": eye(3)}, {"a": G, "kl": kl}, cfg)
         assert torch.allclose(shifts["a"], -c * G / (1 + cfg.damp) ** 2, atol=1e-6)
+
+
+def test_llava_calibration_jsonl(tmp_path):
+    E.make_task("eval", 1)[0].image.save(tmp_path / "a.png")
+    rec = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                               {"from": "gpt", "value": "a red circle"}]}
+    (tmp_path / "calib.jsonl").write_text(json.dumps(rec) + "\n\n" + json.dumps(rec) + "\n")
+    samples = mgvq.load_calib(mgvq.resolve(mgvq.Config(calib=str(tmp_path / "calib.jsonl"), nsamples=8)))
+    assert len(samples) == 2 and samples[0].question == "Describe the image." and samples[0].answer == "a red circle"
+    assert samples[0].image.size == (112, 112)
