@@ -635,20 +635,31 @@ def proxy_loss(delta, H_I, G=None, H_O=None) -> float:
     return float((0.0 if G is None else (G * delta).sum()) + 0.5 * quad.detach())
 
 
-def newton_shifts(lins: dict, H_I, H_O, G, cfg: Config, log=print) -> dict:
+def damped_factors(lin: nn.Linear, H_I, H_O, cfg: Config, what: str, log=print):
+    """A layer's weight and damped curvature, computed once and used everywhere (target, metric, feedback):
+    W (m, n) fp32 with dead input columns zeroed, damped H_I, and damped H_O when the gradient term is on."""
+    W = lin.weight.detach().float().clone()
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{what} holds NaN or Inf weights")
+    H = H_I.clone()
+    dead = fix_dead_columns(H, W)
+    if dead:
+        log(f"  {what}: {dead} dead input columns (zero curvature) set to zero")
+    H, _ = damp_cholesky(H, cfg.damp, f"{what} H_I", log)
+    H_Od = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)[0] if cfg.grad else None
+    return W, H, H_Od
+
+
+def newton_shifts(factors: dict, G, alpha: float) -> dict:
     """The Newton shifts W~ - W of a block's linears (METHOD 3b), with one trust scale for the block.
     Under the full steps the quadratic model predicts the mean KL to fall by sum_l 1/2 <G_l, W_l - W~_l>; a KL
     cannot fall below zero, so a prediction larger than the measured KL means the damped K-FAC curvature is
     too flat there (products of small eigenvalues of H_O and H_I): every step of the block is scaled by
-    c = min(1, KL / predicted). Our choice; without it the step can exceed the weights by orders of magnitude."""
+    c = min(1, KL / predicted). Our choice; without it the step can exceed the weights by orders of magnitude.
+    factors: {name: (W, damped H_I, damped H_O)} from damped_factors."""
     shifts, gain = {}, 0.0
-    for n, lin in lins.items():
-        H = H_I[n].clone()
-        fix_dead_columns(H, lin.weight.detach().float().clone())
-        H, _ = damp_cholesky(H, cfg.damp, f"{n} H_I", log)
-        H_Od, _ = damp_cholesky(H_O[n], cfg.damp, f"{n} H_O", log)
-        W = lin.weight.detach().float()
-        shifts[n] = newton_target(W, G[n], H_Od, H, cfg.alpha) - W
+    for n, (W, H, H_Od) in factors.items():
+        shifts[n] = newton_target(W, G[n], H_Od, H, alpha) - W
         gain -= 0.5 * float((G[n] * shifts[n]).sum())                      # 1/2 <G, S> >= 0 for alpha > 0
     c = min(1.0, G["kl"] / gain) if gain > 0 else 1.0
     return {n: c * s for n, s in shifts.items()}
@@ -792,24 +803,16 @@ def sensitivity_allocation(model, blocks, batches, cfg: Config, gen, log=print):
 
 # --- driver
 
-def quantize_linear(lin: nn.Linear, H_I, H_O, G, shift, group_bits, cfg: Config, gen, what: str, log=print):
-    """Quantize one linear (METHOD 3b-3e): damped factors, the Newton-shifted target W~ = W + shift,
-    Block-LDL sweep, codebook refit, packed VQLinear. Returns the module and the layer's figures."""
-    W = lin.weight.detach().float().clone()                                  # (m, n)
+def quantize_linear(lin: nn.Linear, factors, H_O, G, shift, group_bits, cfg: Config, gen, what: str):
+    """Quantize one linear (METHOD 3b-3e): from its damped factors (damped_factors), the Newton-shifted target
+    W~ = W + shift, Block-LDL sweep, codebook refit, packed VQLinear. Returns the module and the layer's figures."""
+    W, H, H_Od = factors                                                     # W (m, n)
     m, n = W.shape
     d, gs = cfg.d, cfg.group_size
     assert n % gs == 0, f"{what}: {n} input columns are not a multiple of --group-size {gs}"
-    if not torch.isfinite(W).all():
-        raise ValueError(f"{what} holds NaN or Inf weights")
-    H = H_I.clone()
-    dead = fix_dead_columns(H, W)
-    if dead:
-        log(f"  {what}: {dead} dead input columns (zero curvature) set to zero")
-    H, _ = damp_cholesky(H, cfg.damp, f"{what} H_I", log)
     s = torch.ones(m, device=W.device)
     Wt = W
     if cfg.grad:
-        H_Od, _ = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)
         Wt = W + shift
         s = H_O.diagonal() / H_O.diagonal().mean().clamp_min(1e-30)           # row weights diag(H_O)
         s = s.clamp_min(1e-3)
@@ -856,11 +859,13 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
         if qig and l > 0 and id(block) in decoder:            # h = h_q before anything is quantized: modality then
             token_w = qig_token_weights(model, block, batches, fp_inputs[keep.index(block)], cfg.qig_steps)
         H_I, H_O, G, mw = block_statistics(model, block, batches, cfg, teacher, token_w, gen)
-        shifts = newton_shifts(linears(block), H_I, H_O, G, cfg, log) if cfg.grad else {}
-        for n, lin in linears(block).items():
+        lins = linears(block)
+        factors = {n: damped_factors(lin, H_I[n], H_O[n], cfg, f"{bname}.{n}", log) for n, lin in lins.items()}
+        shifts = newton_shifts(factors, G, cfg.alpha) if cfg.grad else {}
+        for n, lin in lins.items():
             name, t1 = f"{bname}.{n}", time.time()
             bits = alloc.get(name, [cfg.bits] * (lin.in_features // cfg.group_size))
-            vq, info = quantize_linear(lin, H_I[n], H_O[n], G.get(n), shifts.get(n), bits, cfg, gen, name, log)
+            vq, info = quantize_linear(lin, factors[n], H_O[n], G.get(n), shifts.get(n), bits, cfg, gen, name)
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, vq)
             layouts[name] = vq.layout()
@@ -872,7 +877,7 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
             layers.append(row)
             grad = f"  shift {info['shift']:.3f}  loss {info['proxy_rtn']:.2e} -> {info['proxy']:.2e}" if "proxy" in info else ""
             tqdm.write(f"{name:48s} {row['bpw']:.3f} b/w  err {info['err_rtn']:.4f} -> {info['err']:.4f}{grad}  {row['seconds']:.1f}s")
-        del H_I, H_O, G
+        del H_I, H_O, G, factors
         per_block.append(dict(block=bname, seconds=time.time() - t0, peak_mem_gb=peak_mem_gb(dev)))
         tqdm.write(f"{bname}: {per_block[-1]['seconds']:.1f}s, peak memory {per_block[-1]['peak_mem_gb']:.2f} GB")
     total = len(quantizable_blocks(model, cfg.quantize_vision))

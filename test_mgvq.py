@@ -675,7 +675,7 @@ def test_nan_weight_is_refused():
     lin.weight.data[0, 0] = float("nan")
     cfg = mgvq.resolve(mgvq.Config(method="gptvq"))
     with pytest.raises(ValueError, match="NaN or Inf"):
-        mgvq.quantize_linear(lin, torch.eye(256), None, None, None, [2, 2], cfg, torch.Generator(), "lin")
+        mgvq.damped_factors(lin, torch.eye(256), None, cfg, "lin")
 
 
 SMALL = dict(nsamples=16, kmeans_iters=6, trial_iters=3, qig_steps=2, eval_n=40)
@@ -805,7 +805,8 @@ def test_newton_shift_trust_scale():
     eye = lambda k: torch.eye(k)
     predicted = 0.5 * float((G ** 2).sum()) / (1 + cfg.damp) ** 2      # H_O = H_I = I, damped by 1 %
     for kl, c in ((10 * predicted, 1.0), (0.25 * predicted, 0.25)):
-        shifts = mgvq.newton_shifts({"a": lin}, {"a": eye(4)}, {"a": eye(3)}, {"a": G, "kl": kl}, cfg)
+        factors = {"a": mgvq.damped_factors(lin, eye(4), eye(3), cfg, "a")}
+        shifts = mgvq.newton_shifts(factors, {"a": G, "kl": kl}, cfg.alpha)
         assert torch.allclose(shifts["a"], -c * G / (1 + cfg.damp) ** 2, atol=1e-6)
 
 
