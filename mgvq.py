@@ -294,11 +294,11 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
             if share[name] == name and ctx["collect"]:
                 img, valid = token_tags(ctx["batch"], x)
                 w = valid.float() * (ctx["w"] if ctx["w"] is not None else 1.0)
-                acc = S.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device) for _ in range(2)])
+                acc = S.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device) for _ in range(2)]
+                                   + [torch.zeros(2, dtype=torch.float64)])    # [text, image, weight per modality]
                 hessian_add(acc[0], x, w * ~img)           # text tokens
                 hessian_add(acc[1], x, w * img)            # image tokens
-                n_tok = ctx.setdefault("n_" + name, torch.zeros(2, dtype=torch.float64))
-                n_tok += torch.stack([(w * ~img).sum(), (w * img).sum()]).double().cpu()
+                acc[2] += torch.stack([(w * ~img).sum(), (w * img).sum()]).double().cpu()
             if ctx["fisher"] and out.requires_grad:
                 def on_grad(g, name=name):
                     g = g.detach().reshape(-1, g.shape[-1]).float()
@@ -357,9 +357,8 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
         mw = energy / count
     H_I = {}
     for name in lins:
-        k = share[name]
-        n_tok = ctx["n_" + k]
-        H_I[name] = (mw[0] * S[k][0] + mw[1] * S[k][1]) / float((mw * n_tok).sum())
+        S_txt, S_img, n_tok = S[share[name]]
+        H_I[name] = (mw[0] * S_txt + mw[1] * S_img) / float((mw * n_tok).sum())
     H_O = {n: (SO[n] / n_pos if fisher else None) for n in lins}
     return H_I, H_O, G, mw
 
