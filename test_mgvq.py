@@ -795,19 +795,42 @@ def test_cli_subprocess_error_has_no_traceback():
     assert "--model" in run.stderr and run.stderr.strip().count("\n") == 0
 
 
-def test_newton_shift_trust_scale():
-    """Full Newton step when the quadratic model predicts less than the measured KL; scaled to c = KL / predicted
-    when it predicts more (a KL cannot fall below zero)."""
+def test_newton_shift_damping_and_trust_scale():
+    """The step solves with each factor damped by newton_damp of its mean diagonal; full step when the quadratic
+    model predicts less than the measured KL, scaled to c = KL / predicted when it predicts more."""
     torch.manual_seed(7)
     lin = torch.nn.Linear(4, 3, bias=False)
     G = torch.randn(3, 4)
-    cfg = mgvq.resolve(mgvq.Config(method="mgvq"))
+    cfg = mgvq.resolve(mgvq.Config(method="mgvq", newton_damp=0.5))
     eye = lambda k: torch.eye(k)
-    predicted = 0.5 * float((G ** 2).sum()) / (1 + cfg.damp) ** 2      # H_O = H_I = I, damped by 1 %
+    curv = ((1 + cfg.damp) * (1 + cfg.newton_damp)) ** 2               # H_O = H_I = I, damped twice
+    predicted = 0.5 * float((G ** 2).sum()) / curv
     for kl, c in ((10 * predicted, 1.0), (0.25 * predicted, 0.25)):
         factors = {"a": mgvq.damped_factors(lin, eye(4), eye(3), cfg, "a")}
-        shifts = mgvq.newton_shifts(factors, {"a": G, "kl": kl}, cfg.alpha)
-        assert torch.allclose(shifts["a"], -c * G / (1 + cfg.damp) ** 2, atol=1e-6)
+        shifts = mgvq.newton_shifts(factors, {"a": G, "kl": kl}, cfg.alpha, cfg.newton_damp)
+        assert torch.allclose(shifts["a"], -c * G / curv, atol=1e-6)
+
+
+def test_line_search_on_the_calibration_kl(toy):
+    """A shift that undoes a perturbation is taken whole and brings the KL back to ~0; one that makes it worse
+    is refused (scale 0); the weights are restored either way."""
+    model = toy.model.requires_grad_(False)
+    batches = calib(toy, n=8)
+    teacher, _ = mgvq.teacher_pass(model, batches, 64)
+    lins = mgvq.linears(model.model.language_model.layers[1])
+    W = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+    delta = {n: w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) for n, w in W.items()}
+    for n, lin in lins.items():
+        lin.weight.data = W[n] + delta[n]
+    kl0 = mgvq.mean_kl(model, batches, teacher)
+    assert kl0 > 1e-4
+    scale, kl = mgvq.line_search(model, lins, {n: -d for n, d in delta.items()}, batches, teacher, kl0, 3)
+    assert scale == 1.0 and kl < 1e-6
+    scale, kl = mgvq.line_search(model, lins, delta, batches, teacher, kl0, 3)
+    assert scale == 0.0 and kl == kl0
+    for n, lin in lins.items():
+        assert torch.equal(lin.weight, W[n] + delta[n])
+        lin.weight.data = W[n]
 
 
 def test_llava_calibration_jsonl(tmp_path):
