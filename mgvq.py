@@ -185,10 +185,16 @@ def answer_logits(model, batch) -> torch.Tensor:
 
 
 def kl_to_teacher(logits, teacher_b) -> torch.Tensor:
-    """sum over loss positions of KL(p_FP || p_current), p_FP kept as renormalised top-k. logits (N, V)."""
+    """sum over loss positions of KL(p_FP || p_current) over the FP model's top-k tokens plus one bucket for all
+    the others: zero, with zero gradient, at the FP model (a renormalised top-k is not), and a lower bound of the
+    full KL. logits (N, V); teacher_b = (top-k ids (N, k), their FP log-probabilities (N, k))."""
     idx, logp = teacher_b
     logq = logits.log_softmax(-1).gather(1, idx)
-    return (logp.exp() * (logp - logq)).sum()
+    kl = (logp.exp() * (logp - logq)).sum()
+    if idx.shape[1] == logits.shape[1]:                      # the top-k is the whole vocabulary: no rest
+        return kl
+    p_rest, q_rest = ((-torch.expm1(lp.logsumexp(-1))).clamp_min(0) for lp in (logp, logq))  # 1 - sum of top-k
+    return kl + (torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest.clamp_min(1e-30))).sum()
 
 
 @torch.no_grad()
@@ -207,7 +213,7 @@ def sampled_nll(logits, gen) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_pass(model, batches, topk: int, keep_inputs_of=()):
-    """The FP model's answer distributions (top-k, renormalised) and, for QIG, the FP inputs of some blocks."""
+    """The FP model's answer distributions (top-k log-probabilities) and, for QIG, the FP inputs of some blocks."""
     teacher, inputs = [], {i: [] for i in range(len(keep_inputs_of))}
     hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs[i].append(args[0].detach().cpu()))
              for i, b in enumerate(keep_inputs_of)]
@@ -215,7 +221,7 @@ def teacher_pass(model, batches, topk: int, keep_inputs_of=()):
         for batch in tqdm(batches, desc="teacher", leave=False):
             logp = answer_logits(model, batch).log_softmax(-1)
             val, idx = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-            teacher.append((idx, val - val.logsumexp(-1, keepdim=True)))
+            teacher.append((idx, val))
     return teacher, inputs
 
 

@@ -626,6 +626,24 @@ def mean_kl(model, batches, teacher):
     return tot / sum(int(mgvq.loss_mask(b).sum()) for b in batches)
 
 
+def test_topk_kl_is_zero_at_fp_and_bounds_the_full_kl():
+    """KL over the FP top-k plus one bucket for the rest: zero with zero gradient at the FP logits (a renormalised
+    top-k is not: it pulls the tail mass in), never above the full KL (merging outcomes cannot raise a KL)."""
+    torch.manual_seed(0)
+    z = torch.randn(6, 50) * 3
+    logp = z.log_softmax(-1)
+    val, idx = logp.topk(5, dim=-1)
+    zq = z.clone().requires_grad_(True)
+    kl = mgvq.kl_to_teacher(zq, (idx, val))
+    kl.backward()
+    assert abs(float(kl.detach())) < 1e-5 and zq.grad.abs().max() < 1e-6
+    for seed in range(3):
+        zq = z + torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+        full = float((logp.exp() * (logp - zq.log_softmax(-1))).sum())
+        part = float(mgvq.kl_to_teacher(zq, (idx, val)))
+        assert 0 < part <= full + 1e-5
+
+
 def test_gradient_is_zero_before_quantization_and_kfac_predicts_kl(toy):
     model = toy.model.requires_grad_(False)
     batches = calib(toy, n=32)
