@@ -620,12 +620,6 @@ def calib(vlm, n=16, seed=0, bs=8):
     return [vlm.batch(samples[i:i + bs]) for i in range(0, n, bs)]
 
 
-def mean_kl(model, batches, teacher):
-    with torch.no_grad():
-        tot = sum(float(mgvq.kl_to_teacher(mgvq.answer_logits(model, b), t)) for b, t in zip(batches, teacher))
-    return tot / sum(int(mgvq.loss_mask(b).sum()) for b in batches)
-
-
 def test_topk_kl_is_zero_at_fp_and_bounds_the_full_kl():
     """KL over the FP top-k plus one bucket for the rest: zero with zero gradient at the FP logits (a renormalised
     top-k is not: it pulls the tail mass in), never above the full KL (merging outcomes cannot raise a KL)."""
@@ -662,7 +656,7 @@ def test_gradient_is_zero_before_quantization_and_kfac_predicts_kl(toy):
     for seed in range(3):
         delta = 0.02 * W.std() * torch.randn(W.shape, generator=torch.Generator().manual_seed(seed))
         lin.weight.data = W + delta
-        real = mean_kl(model, batches, teacher)
+        real = mgvq.mean_kl(model, batches, teacher)
         lin.weight.data = W.clone()
         pred = mgvq.proxy_loss(delta, H_I["mlp.down_proj"], None, H_Om)
         ratios.append(pred / real)
