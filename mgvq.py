@@ -212,11 +212,17 @@ def sampled_nll(logits, gen) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_pass(model, batches, topk: int, keep_inputs_of=()):
-    """The FP model's answer distributions (top-k log-probabilities) and, for QIG, the FP inputs of some blocks."""
+def teacher_pass(model, batches, topk: int, keep_inputs_of=(), folder: str | None = None):
+    """The FP model's answer distributions (top-k log-probabilities) and, for QIG, the FP inputs of some blocks,
+    streamed to `folder` one file per (block, batch) and returned as paths: at real size they do not fit in
+    memory (28 blocks x 128 samples x ~300 tokens x 1536 bf16 = 3.3 GB)."""
     teacher, inputs = [], {i: [] for i in range(len(keep_inputs_of))}
-    hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs[i].append(args[0].detach().cpu()))
-             for i, b in enumerate(keep_inputs_of)]
+
+    def spill(mod, args, i):
+        inputs[i].append(os.path.join(folder, f"block{i}-batch{len(inputs[i])}.pt"))
+        torch.save(args[0].detach().cpu(), inputs[i][-1])
+
+    hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: spill(mod, args, i)) for i, b in enumerate(keep_inputs_of)]
     with hooked(hooks):
         for batch in tqdm(batches, desc="teacher", leave=False):
             logp = answer_logits(model, batch).log_softmax(-1)
@@ -426,10 +432,11 @@ def block_input(model, block, batch) -> torch.Tensor:
 
 def qig_token_weights(model, block, batches, fp_inputs, steps: int) -> list[torch.Tensor]:
     """Token-level weights for H_I from quantization-aware integrated gradients (seed QIG): the answer loss
-    attributed to each token's block input along the path from the current model's input to the FP one."""
+    attributed to each token's block input along the path from the current model's input to the FP one.
+    fp_inputs: the files of this block's FP inputs, one per batch (teacher_pass)."""
     attrs = []
-    for batch, h in zip(batches, fp_inputs):
-        h_q = block_input(model, block, batch).float()
+    for batch, path in zip(batches, fp_inputs):
+        h, h_q = torch.load(path), block_input(model, block, batch).float()
         labels = batch["labels"][:, 1:][loss_mask(batch)]
 
         def loss_fn(z):                                   # the answer loss with z injected as this block's input
@@ -904,7 +911,8 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
     decoder = {id(b) for b in model.model.language_model.layers}
     qig = cfg.token_weights == "qig"
     keep = [b for _, b in blocks if id(b) in decoder] if qig else []
-    teacher, fp_inputs = teacher_pass(model, batches, cfg.teacher_topk, keep) if (cfg.grad or qig) else (None, {})
+    spill = tempfile.TemporaryDirectory(prefix="mgvq-inputs-")      # FP block inputs for QIG, removed at the end
+    teacher, fp_inputs = teacher_pass(model, batches, cfg.teacher_topk, keep, spill.name) if (cfg.grad or qig) else (None, {})
     alloc, sens = sensitivity_allocation(model, blocks, batches, cfg, gen, log) if cfg.alloc == "sensitivity" else ({}, {})
     release_memory()
     layouts, layers, per_block = {}, [], []
@@ -943,6 +951,7 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
         del G, factors
         per_block.append(dict(block=bname, seconds=time.time() - t0, peak_mem_gb=peak_mem_gb(dev)))
         tqdm.write(f"{bname}: {per_block[-1]['seconds']:.1f}s, peak memory {per_block[-1]['peak_mem_gb']:.2f} GB")
+    spill.cleanup()
     total = len(quantizable_blocks(model, cfg.quantize_vision))
     projected = sum(b["seconds"] for b in per_block) / max(len(per_block), 1) * total
     if len(blocks) < total:
