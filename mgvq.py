@@ -911,8 +911,8 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
     decoder = {id(b) for b in model.model.language_model.layers}
     qig = cfg.token_weights == "qig"
     keep = [b for _, b in blocks if id(b) in decoder] if qig else []
-    spill = tempfile.TemporaryDirectory(prefix="mgvq-inputs-")      # FP block inputs for QIG, removed at the end
-    teacher, fp_inputs = teacher_pass(model, batches, cfg.teacher_topk, keep, spill.name) if (cfg.grad or qig) else (None, {})
+    spill = tempfile.TemporaryDirectory(prefix="mgvq-inputs-") if keep else None   # FP block inputs for QIG
+    teacher, fp_inputs = teacher_pass(model, batches, cfg.teacher_topk, keep, spill and spill.name) if (cfg.grad or qig) else (None, {})
     alloc, sens = sensitivity_allocation(model, blocks, batches, cfg, gen, log) if cfg.alloc == "sensitivity" else ({}, {})
     release_memory()
     layouts, layers, per_block = {}, [], []
@@ -951,7 +951,8 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
         del G, factors
         per_block.append(dict(block=bname, seconds=time.time() - t0, peak_mem_gb=peak_mem_gb(dev)))
         tqdm.write(f"{bname}: {per_block[-1]['seconds']:.1f}s, peak memory {per_block[-1]['peak_mem_gb']:.2f} GB")
-    spill.cleanup()
+    if spill:
+        spill.cleanup()
     total = len(quantizable_blocks(model, cfg.quantize_vision))
     projected = sum(b["seconds"] for b in per_block) / max(len(per_block), 1) * total
     if len(blocks) < total:
