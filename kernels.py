@@ -146,11 +146,10 @@ class VQLinear(nn.Module):
 
     def fast_parts(self):
         """The repacked tensors of the fast path (built once, dropped when new buffers are loaded)."""
-        if self._fast is None or self._fast[1].device != self.device:
-            parts = [repack_part(getattr(self, f"codes_{b}"), getattr(self, f"codebook_{b}"),
-                                 getattr(self, f"scale_{b}"), getattr(self, f"groups_{b}"), self.d,
-                                 self.group_size, self.tile_rows[b], b) for b in self.bits]
-            self._fast = (parts, torch.cat([q["cols"].reshape(-1) for q in parts]))   # perm (n,)
+        if self._fast is None or self._fast[0]["S"].device != self.device:
+            self._fast = [repack_part(getattr(self, f"codes_{b}"), getattr(self, f"codebook_{b}"),
+                                      getattr(self, f"scale_{b}"), getattr(self, f"groups_{b}"), self.d,
+                                      self.group_size, self.tile_rows[b], b) for b in self.bits]
         return self._fast
 
     def _apply(self, fn, *args, **kwargs):
@@ -178,119 +177,192 @@ class VQLinear(nn.Module):
 
 
 # --- repacking for the fast path
-# The saved format suits the quantizer; at load time each bit-width's part is repacked once into what the
-# fast path reads best (choices measured with `--bench` on a 2-core AVX-512 CPU and torch 2.13):
-#   - super-indices: p consecutive indices of a row (p·d ≤ 4 weights, p·b·d ≤ 8 bits) are read as ONE index
-#     into the tile's product codebook (K^p codewords of p·d values), so one gather fetches up to 4 weights.
-#     In the LSB-first stream the p indices are exactly the bits of the super-index: just a wider unpack.
-#   - tile-major: all super-indices of one (row tile × column group) are contiguous (R, G, tile_rows, C),
-#     so the tile's codebook (≤ 1 KiB at 2 bits) stays in L1 while it is used.
-#   - one super-index per byte (uint8; int16/int32 past 8 bits): no bit fiddling in the inner loop.
+# The saved format suits the quantizer; each bit-width's part is repacked once, at first use, into what the
+# compiled kernels read best. Measured with `python kernels.py --bench` on a 2-core AVX-512 CPU, torch 2.13:
+#   - inductor writes an indexed load (a gather) as a scalar loop, about 6 instructions per element, so gathers
+#     are what to avoid. With K ≤ 16 codewords an index is decoded by a SELECT TREE instead: its B bits become
+#     B all-ones/zero masks, and K - 1 bitwise selects `a ^ (m & (a ^ b))` (= m ? b : a, one vpternlogd each)
+#     pick the codeword out of K values held in registers: no memory access, all vector.
+#   - a codeword travels as ONE int32: its d int8 values in fields of 32/d bits, taken out with two shifts.
+#   - the vector lanes run over rows that share a codebook (a row tile), so each codeword is broadcast once per
+#     (tile × group); tiles of fewer than 16 rows are merged into 16-row blocks with a per-lane codebook copy.
+#   - p indices per byte (p·B ≤ 8), laid out (block, group, byte, row): one 16-byte load feeds 16 rows.
+#   - larger codebooks (3-bit d=2: K = 64; 2-bit d=4: K = 256) keep a gather, of one int32 that holds up to 4
+#     weights: p consecutive codewords read as one super-index into the tile's product codebook.
+# The fast path covers d ≤ 4 (what mgvq.py makes); a layer with d > 4 runs the reference.
+
+SELECT_MAX_BITS = 4  # index bits decoded by a select tree (K ≤ 16); more: a gather
+LANES = 16           # fp32 lanes of an AVX-512 register: tiles with fewer rows are merged up to this
 
 
-def pairing(b: int, d: int) -> int:
-    """How many d-vectors share one super-index: the largest p with p·d ≤ 4 and p·b·d ≤ 8 (at least 1)."""
+def pack_fields(values: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., k) int8 -> (...) int32 with value j in bits [j·width, (j+1)·width), two's complement."""
+    word = sum((values[..., j].long() & (2**width - 1)) << (j * width) for j in range(values.shape[-1]))
+    return ((word + 2**31) % 2**32 - 2**31).to(torch.int32)                # the 32-bit pattern as int32
+
+
+def unpack_field(word: torch.Tensor, j: int, width: int) -> torch.Tensor:
+    """Value j of pack_fields' int32 words, sign-extended, as fp32: one left and one arithmetic right shift."""
+    return ((word << (32 - (j + 1) * width)) >> (32 - width)).float()
+
+
+def _per_index(B: int, V: int, most: int) -> int:
+    """Indices per byte (or per super-index): the largest power of two p ≤ most with p·B ≤ 8 that divides V."""
     p = 1
-    while 2 * p * d <= 4 and 2 * p * b * d <= 8:
+    while 2 * p <= most and 2 * p * B <= 8 and V % (2 * p) == 0:
         p *= 2
     return p
 
 
 def _dynamic(*ts):
-    for t in ts:  # R and G vary from layer to layer (and block to block): one compiled kernel serves them all
+    for t in ts:  # blocks and groups vary from layer to layer: one compiled kernel serves them all
         torch._dynamo.maybe_mark_dynamic(t, 0)
-        torch._dynamo.maybe_mark_dynamic(t, 1)
+        if t.dim() > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
     return ts
 
 
 def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_rows: int, b: int) -> dict:
-    """One bit-width's saved buffers -> S (R, G, tile_rows, C) super-indices, P (R, G, K^p, Dp) int8 product
-    codebooks, s (R, G) fp32 scales, cols (G, C, Dp) the input column of each weight; C = gs / Dp, Dp = p·d."""
+    """One bit-width's saved buffers -> the fast path's tensors:
+      S    (NB, G, C, Rb) uint8 (int16/int32 past 8 bits)  p indices per byte; blocks of Rb rows, C = V / p
+      P    select: (NB, G, K, L) int32 codewords (L = 1: shared by the block's rows; L = Rb: one per row)
+           gather: (NB, G, K^p) int32 product codewords (p·d int8 fields of 8 bits)
+      s    (NB, G, L) fp32 scales;  cols (G, Q, C) the input column of weight q of byte c, Q = p·d
+      code (B, p, d) ints: index bits, indices per byte, vector length."""
     m, (R, G, K, _) = codes.shape[0], codebook.shape
-    p = pairing(b, d)
-    Bs, Dp, C = p * b * d, p * d, group_size // (p * d)
-    assert group_size % Dp == 0, f"group_size {group_size} must hold whole super-vectors of {Dp} weights"
-    S = unpack_codes(codes, Bs, G * C).reshape(R, tile_rows, G, C).transpose(1, 2)   # (R, G, tile_rows, C)
-    S = S.to(torch.uint8 if Bs <= 8 else torch.int16 if Bs <= 15 else torch.int32).contiguous()
-    dev = codes.device
-    digits = (torch.arange(2**Bs, device=dev)[:, None] >> (b * d * torch.arange(p, device=dev))) & (K - 1)  # (K^p, p)
-    P = codebook[:, :, digits].reshape(R, G, 2**Bs, Dp).contiguous()               # vector j of p = digit j
-    cols = groups.long()[:, None, None] * group_size + torch.arange(group_size, device=dev).reshape(1, C, Dp)
-    S, P, s, cols = _dynamic(S, P, scale.float().contiguous(), cols)
-    return dict(S=S, P=P, s=s, cols=cols)
+    B, V, dev = b * d, group_size // d, codes.device
+    select = B <= SELECT_MAX_BITS
+    p = _per_index(B, V, most=8) if select else _per_index(B, V, most=max(1, 4 // d))
+    C, Q = V // p, p * d
+    idx = unpack_codes(codes, B, G * V).reshape(m, G, C, p)
+    byte = (idx << (B * torch.arange(p, device=dev))).sum(-1)              # (m, G, C): index j in bits [jB, (j+1)B)
+    merge = select and tile_rows < LANES and m % LANES == 0
+    Rb = LANES if merge else tile_rows
+    tile = torch.arange(m, device=dev).reshape(m // Rb, Rb) // tile_rows  # (NB, Rb): each row's tile
+    S = byte.reshape(m // Rb, Rb, G, C).permute(0, 2, 3, 1)
+    S = S.to(torch.uint8 if p * B <= 8 else torch.int16 if B <= 15 else torch.int32).contiguous()
+    s = scale.float()
+    if select:
+        P = pack_fields(codebook, 32 // d)                                   # (R, G, K)
+        P, s = (P[tile].permute(0, 2, 3, 1), s[tile].transpose(1, 2)) if merge else (P[..., None], s[..., None])
+    else:
+        digits = (torch.arange(K**p, device=dev)[:, None] >> (B * torch.arange(p, device=dev))) & (K - 1)
+        P, s = pack_fields(codebook[:, :, digits].reshape(R, G, K**p, Q), 8), s[..., None]  # codeword j = digit j
+    cols = (groups.long()[:, None, None] * group_size + torch.arange(C, device=dev) * Q
+            + torch.arange(Q, device=dev)[:, None])                         # (G, Q, C)
+    S, P, s, cols = _dynamic(S, P.contiguous(), s.contiguous(), cols)
+    return dict(S=S, P=P, s=s, cols=cols, code=(B, p, d))
 
 
 # --- the fast matmul
 
-def decode_part(xg: torch.Tensor, S: torch.Tensor, P: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """y (T, m) = Σ_g s·(W_g x_g) over one bit-width's groups, gathering codewords, never forming W.
-
-    xg (T, G, C, Dp) inputs of those groups; S (R, G, Tr, C); P (R, G, K', Dp) int8; s (R, G).
-    The T tokens are unrolled so that each codeword gathered serves all of them (T ≤ a few)."""
-    R, G, Tr, C = S.shape
-    r = torch.arange(R, device=S.device)[:, None, None, None]
-    g = torch.arange(G, device=S.device)[None, :, None, None]
-    w = P[r, g, S.long()].float()                                          # (R, G, Tr, C, Dp), fused, not stored
-    part = torch.stack([(w * xt[None, :, None]).sum((-1, -2)) for xt in xg])   # (T, R, G, Tr)
-    return (part * s[None, :, :, None]).sum(2).reshape(xg.shape[0], R * Tr)    # (T, m)
+def select(masks: list, values: list) -> torch.Tensor:
+    """values[i] for the index i whose bit k is masks[k] (all ones or zero), lane by lane: a tree of bitwise
+    selects, bit 0 first (values 2j and 2j + 1 differ in bit 0)."""
+    for m in masks:
+        values = [a ^ (m & (a ^ b)) for a, b in zip(values[0::2], values[1::2])]
+    return values[0]
 
 
-def dequantize_part(S: torch.Tensor, P: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """W_part (R·Tr, G·C·Dp) of the row tiles given, columns in the order of `cols` (for many tokens)."""
-    R, G, Tr, C = S.shape
-    r = torch.arange(R, device=S.device)[:, None, None, None]
-    g = torch.arange(G, device=S.device)[None, :, None, None]
-    Pf = P.float() * s[:, :, None, None]                                   # (R, G, K', Dp) scaled codewords
-    return Pf[r, g, S.long()].transpose(1, 2).reshape(R * Tr, -1)          # (R, G, Tr, C, Dp) -> (m, G·C·Dp)
+def byte_weights(v: torch.Tensor, P: torch.Tensor, B: int, p: int, d: int) -> list:
+    """The p·d unscaled weights (fp32, each shaped like v) that the index bytes v (NB, G, C, Rb) stand for."""
+    if B <= SELECT_MAX_BITS:
+        values = [P[:, :, k, None, :] for k in range(2**B)]                 # (NB, G, 1, L) each, broadcast
+        weights = []
+        for j in range(p):
+            masks = [(v << (31 - B * j - i)) >> 31 for i in range(B)]          # bit i of index j, smeared
+            word = select(masks, values)
+            weights += [unpack_field(word, e, 32 // d) for e in range(d)]
+        return weights
+    word = torch.gather(P[..., None].expand(*P.shape, v.shape[-1]), 2, v.long())  # P[block, group, v]
+    return [unpack_field(word, q, 8) for q in range(p * d)]
 
 
-def prefill_matmul(x: torch.Tensor, parts: list[dict], perm: torch.Tensor, m: int, block_bytes=16 << 20):
-    """y (T, m) = x Wᵀ for many tokens: dequantize a block of rows at a time, then matmul. Blocks keep each
-    allocation under glibc's mmap threshold (32 MB): a fresh (m × n) fp32 buffer per call costs ~13 ms of page
-    faults at 8960 × 1536, more than the dequantization itself."""
+def decode_part(xg, S, P, s, B: int, p: int, d: int) -> torch.Tensor:
+    """y (T, m) = W_part x for each of T (few) tokens, decoding the weights in registers, never forming W.
+    xg (T, G, Q, C) fp32: the inputs of weight q of byte c (gathered outside: inlined, it costs two loads per use)."""
+    weights = byte_weights(S.int(), P, B, p, d)                            # Q × (NB, G, C, Rb)
+    parts = []
+    for xt in xg:                                                          # unrolled: each weight serves all T
+        acc = weights[0] * xt[None, :, 0, :, None]
+        for q in range(1, len(weights)):
+            acc = acc + weights[q] * xt[None, :, q, :, None]
+        parts.append(acc.sum(2))                                           # (NB, G, Rb)
+    return (torch.stack(parts) * s).sum(2).reshape(xg.shape[0], -1)       # scale per (tile × group), then Σ_g
+
+
+def dequantize_part(S, P, s, B: int, p: int, d: int) -> list:
+    """Wᵀ of the blocks given, scaled, as Q matrices (G·C, NB·Rb): row g·C + c of matrix q is input column
+    cols[g, q, c]. All are written by the loop that decodes the bytes, 16 rows at a time: no transposing copy.
+    (One stacked (Q·G·C)-row result instead makes inductor decode every byte Q times over, then copy.)"""
+    NB, G, C, Rb = S.shape
+    return [(w * s[:, :, None, :]).permute(1, 2, 0, 3).contiguous().reshape(G * C, NB * Rb)
+            for w in byte_weights(S.int(), P, B, p, d)]
+
+
+def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 << 20) -> torch.Tensor:
+    """y (T, m) = x Wᵀ for many tokens: dequantize a block of rows at a time, then accumulate its matmuls. Blocks
+    keep each allocation under glibc's mmap threshold (32 MB): a fresh (m × n) fp32 buffer per call costs ~13 ms
+    of page faults at 8960 × 1536, more than the dequantization itself."""
     deq = _compiled_fn("dequantize", dequantize_part)
-    step = math.lcm(*[q["S"].shape[2] for q in parts])                    # blocks end on every part's tile edge
+    step = math.lcm(*[q["S"].shape[3] for q in parts])                    # blocks end on every part's block edge
     step *= max(1, block_bytes // (4 * x.shape[1] * step))
-    xp = x[:, perm]                                                        # (T, n), columns in parts' order
-    ys = []
+    T = x.shape[0]
+    xs = [x.index_select(1, q["cols"].reshape(-1)).reshape(T, *q["cols"].shape) for q in parts]  # (T, G, Q, C)
+    xs = [[xg[:, :, j].reshape(T, -1) for j in range(xg.shape[2])] for xg in xs]               # Q × (T, G·C)
+    y = x.new_empty(T, m)
     for r0 in range(0, m, step):
-        Wb = [deq(*_dynamic(q["S"][r0 // Tr:(r0 + step) // Tr], q["P"][r0 // Tr:(r0 + step) // Tr],
-                            q["s"][r0 // Tr:(r0 + step) // Tr])) for q in parts for Tr in [q["S"].shape[2]]]
-        ys.append(F.linear(xp, (torch.cat(Wb, 1) if len(Wb) > 1 else Wb[0]).to(x.dtype)))  # (T, rows)
-    return torch.cat(ys, 1)                                                # (T, m)
+        yb, first = y[:, r0:r0 + step], True
+        for q, xq in zip(parts, xs):
+            Rb = q["S"].shape[3]
+            Wts = deq(*_dynamic(*[t[r0 // Rb:(r0 + step) // Rb] for t in (q["S"], q["P"], q["s"])]), *q["code"])
+            for xj, Wt in zip(xq, Wts):
+                torch.addmm(yb, xj, Wt.to(x.dtype), beta=0 if first else 1, out=yb)  # yb (+)= xj @ Wt
+                first = False
+    return y                                                               # (T, m)
 
 
-DECODE_MAX_TOKENS = 4  # measured crossover on CPU: the fused gather wins up to here, then dequantize + matmul
+DECODE_TOKENS = 8       # tokens per decode call: each count compiles its own kernel (the token loop is unrolled)
+PREFILL_MIN_TOKENS = 32  # from here dequantize + matmul beats decoding in chunks of 8 (measured, see README)
 _compiled = {}         # name -> compiled function, "failed" -> True once compilation has failed
+_OPTIONS = {           # inductor settings of these kernels only (measured with --bench; not global)
+    "realize_opcount_threshold": 10_000,  # keep the select tree inside the reduction loop (else W is stored)
+    "realize_reads_threshold": 10_000,
+    "realize_acc_reads_threshold": 10_000,
+    "assert_indirect_indexing": False,    # a gather's index is < K^p by construction: no bounds check per load
+    "cpp.enable_floating_point_contract_flag": "fast",  # acc + w·x as one FMA
+}
 
 
 def _compiled_fn(name: str, fn):
     if name not in _compiled:
-        # one cache entry per shape family (tile rows × super-vector × token count): a model has a dozen or two.
-        # dynamic=False: only the dims marked by `_dynamic` (R, G) vary; tile rows, Dp and T stay constants.
+        # one cache entry per shape family (code, block rows, token count): a model has a dozen or two.
+        # dynamic=False: only the dims marked by `_dynamic` (blocks, groups) vary; the rest stay constants.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled[name] = torch.compile(fn, dynamic=False)
+        _compiled[name] = torch.compile(fn, dynamic=False, options=_OPTIONS)
     return _compiled[name]
 
 
 def vq_linear(x: torch.Tensor, layer: "VQLinear") -> torch.Tensor:
-    """y = x Wᵀ + bias: fused gather for few tokens, dequantize-then-matmul for many; reference if no compiler."""
-    parts, perm = layer.fast_parts()
+    """y = x Wᵀ + bias: in-register decode for few tokens, dequantize-then-matmul for many; reference if no compiler."""
     x2 = x.reshape(-1, layer.in_features)                                  # (T, n)
     T, m = x2.shape[0], layer.out_features
-    if _compiled.get("failed") or T == 0:
+    if _compiled.get("failed") or T == 0 or layer.d > 4:
         return layer.reference_forward(x)
+    parts = layer.fast_parts()
     try:
-        if T <= DECODE_MAX_TOKENS:
-            decode = _compiled_fn("decode", decode_part)
-            y = 0
-            for q in parts:
-                xg = x2[:, q["cols"]].float()                              # (T, G, C, Dp)
-                torch._dynamo.maybe_mark_dynamic(xg, 1)
-                y = y + decode(xg, q["S"], q["P"], q["s"])                 # (T, m)
-            y = y.to(x.dtype)
+        if T < PREFILL_MIN_TOKENS:
+            decode, ys = _compiled_fn("decode", decode_part), []
+            for xc in x2.split(DECODE_TOKENS):                             # chunks of at most 8 tokens
+                yc = 0
+                for q in parts:                                            # one call per bit-width, summed
+                    xg = xc.index_select(1, q["cols"].reshape(-1)).reshape(len(xc), *q["cols"].shape).float()
+                    torch._dynamo.maybe_mark_dynamic(xg, 1)                # G varies; the token count stays fixed
+                    yc = yc + decode(xg, q["S"], q["P"], q["s"], *q["code"])   # (t, m)
+                ys.append(yc)
+            y = torch.cat(ys).to(x.dtype)                                  # (T, m)
         else:
-            y = prefill_matmul(x2, parts, perm, m)                        # (T, m)
+            y = prefill_matmul(x2, parts, m)                              # (T, m)
     except (torch._dynamo.exc.BackendCompilerFailed, RuntimeError, OSError) as err:  # no C++ compiler / Triton
         warnings.warn(f"kernels.py: torch.compile unavailable ({type(err).__name__}: "
                       f"{str(err).strip().splitlines()[0][:100]}); falling back to dequantize + F.linear")
@@ -324,12 +396,14 @@ def random_layer(m, n, d, pattern, tile_rows, dtype=torch.float32, device="cpu",
 
 def _copies(layer, nbytes):
     """Shallow copies of a VQLinear, each with its own repacked tensors (for cold-cache timing)."""
-    parts, perm = layer.fast_parts()
-    size = sum(t.nbytes for q in parts for t in q.values())
+    parts = layer.fast_parts()
+    tensors = lambda q: {k: t for k, t in q.items() if isinstance(t, torch.Tensor)}
+    size = sum(t.nbytes for q in parts for t in tensors(q).values())
     out = []
     for _ in range(max(2, nbytes // size)):
         c = copy.copy(layer)
-        c._fast = ([dict(zip(q, _dynamic(*[t.clone() for t in q.values()]))) for q in parts], perm)
+        c._fast = ([{**q, **dict(zip(tensors(q), _dynamic(*[t.clone() for t in tensors(q).values()])))}
+                    for q in parts])
         out.append(c)
     return out, size
 

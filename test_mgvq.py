@@ -292,6 +292,37 @@ LAYOUTS = [  # (m, n, d, group_size, group_bits, tile_rows): mixed K, d in {1, 2
 ]
 
 
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
+def test_select_tree_picks_every_index(B):
+    # brute force: for each index i of B bits, the tree over B smeared bits returns values[i], lane by lane
+    i = torch.arange(2**B, dtype=torch.int32)                               # one lane per index
+    values = [torch.full((2**B,), 1000 * k - 7, dtype=torch.int32) for k in range(2**B)]
+    masks = [(i << (31 - b)) >> 31 for b in range(B)]                       # bit b: all ones or zero
+    assert set(masks[0].tolist()) <= {0, -1}
+    assert torch.equal(kernels.select(masks, values), 1000 * i - 7)
+
+
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_pack_fields_round_trip(d):
+    v = torch.tensor([[-128, 127, -1, 0], [5, -6, 100, -100]], dtype=torch.int8)[:, :d]
+    word = kernels.pack_fields(v, 32 // d)
+    assert word.dtype == torch.int32
+    got = torch.stack([kernels.unpack_field(word, j, 32 // d) for j in range(d)], -1)
+    assert torch.equal(got, v.float())
+
+
+def test_prefill_in_several_row_blocks():
+    layer = random_vq(96, 512, 2, 128, [2, 1, 3, 2], {1: 4, 2: 16, 3: 32})  # parts in blocks of 16, 16, 32 rows
+    x = torch.randn(40, 512)
+    parts = layer.fast_parts()
+    assert [q["S"].shape[3] for q in parts] == [16, 16, 32]                  # 1-bit tiles of 4 rows merged to 16
+    y = kernels.prefill_matmul(x, parts, layer.out_features, block_bytes=1)  # three blocks of 32 rows ...
+    y2 = kernels.prefill_matmul(x, parts, layer.out_features)                # ... or one
+    ref = layer.reference_forward(x) - layer.bias
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y2, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"m{l[0]}n{l[1]}d{l[2]}b{''.join(map(str, l[4]))}")
 @pytest.mark.parametrize("tokens", [1, 2, 3, 17, 300])
 def test_fast_path_equals_reference(layout, tokens):
@@ -331,16 +362,17 @@ def test_decode_never_materialises_the_weight():
     m, n = 256, 1024
     layer = random_vq(m, n, 2, 128, [2] * 8, {2: 16}, bias=False)
     dense_bytes = m * n * 4
-    for T in (1, 8):                                                        # warm-up (compiles)
+    P = kernels.PREFILL_MIN_TOKENS
+    for T in (1, 3, kernels.DECODE_TOKENS, P):                              # warm-up (compiles)
         layer(torch.randn(T, n))
-    assert _largest_allocation(lambda: layer(torch.randn(8, n))) >= dense_bytes   # prefill forms W: the probe works
-    for T in range(1, kernels.DECODE_MAX_TOKENS + 1):
+    assert _largest_allocation(lambda: layer(torch.randn(P, n))) >= dense_bytes // 4  # prefill forms W: the probe works
+    for T in (1, 3, kernels.DECODE_TOKENS, P - 1):
         assert _largest_allocation(lambda: layer(torch.randn(T, n))) < dense_bytes // 8
 
 
 def test_no_recompilation_after_warm_up():
     tr = {1: 4, 2: 16, 3: 64}
-    token_counts = list(range(1, kernels.DECODE_MAX_TOKENS + 1)) + [7, 64]
+    token_counts = [1, 2, kernels.DECODE_TOKENS, 2 * kernels.DECODE_TOKENS + 1, kernels.PREFILL_MIN_TOKENS]
     # warm-up: each family once (a part with one group or one row tile is its own family: torch specialises 1)
     warm = [random_vq(64, 512, 2, 128, [1, 2, 3, 2], tr), random_vq(128, 768, 2, 128, [1, 3, 2, 2, 1, 3], tr)]
     later = [random_vq(64, 512, 2, 128, [3, 1, 2, 2], tr, seed=1),          # other layers, other sizes
