@@ -240,7 +240,7 @@ def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_ro
     Rb = LANES if merge else tile_rows
     tile = torch.arange(m, device=dev).reshape(m // Rb, Rb) // tile_rows  # (NB, Rb): each row's tile
     S = byte.reshape(m // Rb, Rb, G, C).permute(0, 2, 3, 1)
-    S = S.to(torch.uint8 if p * B <= 8 else torch.int16 if B <= 15 else torch.int32).contiguous()
+    S = S.to(torch.uint8 if p * B <= 8 else torch.int16 if p * B <= 15 else torch.int32).contiguous()
     s = scale.float()
     if select:
         P = pack_fields(codebook, 32 // d)                                   # (R, G, K)
@@ -307,10 +307,8 @@ def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 <<
     deq = _compiled_fn("dequantize", dequantize_part)
     step = math.lcm(*[q["S"].shape[3] for q in parts])                    # blocks end on every part's block edge
     step *= max(1, block_bytes // (4 * x.shape[1] * step))
-    T = x.shape[0]
-    xs = [x.index_select(1, q["cols"].reshape(-1)).reshape(T, *q["cols"].shape) for q in parts]  # (T, G, Q, C)
-    xs = [[xg[:, :, j].reshape(T, -1) for j in range(xg.shape[2])] for xg in xs]               # Q × (T, G·C)
-    y = x.new_empty(T, m)
+    xs = [[x.index_select(1, q["cols"][:, j].reshape(-1)) for j in range(q["cols"].shape[1])] for q in parts]
+    y = x.new_empty(x.shape[0], m)                                         # xs: per part, Q × (T, G·C) inputs
     for r0 in range(0, m, step):
         yb, first = y[:, r0:r0 + step], True
         for q, xq in zip(parts, xs):
@@ -354,13 +352,14 @@ def vq_linear(x: torch.Tensor, layer: "VQLinear") -> torch.Tensor:
         if T < PREFILL_MIN_TOKENS:
             decode, ys = _compiled_fn("decode", decode_part), []
             for xc in x2.split(DECODE_TOKENS):                             # chunks of at most 8 tokens
-                yc = 0
+                yc = None
                 for q in parts:                                            # one call per bit-width, summed
                     xg = xc.index_select(1, q["cols"].reshape(-1)).reshape(len(xc), *q["cols"].shape).float()
                     torch._dynamo.maybe_mark_dynamic(xg, 1)                # G varies; the token count stays fixed
-                    yc = yc + decode(xg, q["S"], q["P"], q["s"], *q["code"])   # (t, m)
+                    yq = decode(xg, q["S"], q["P"], q["s"], *q["code"])    # (t, m)
+                    yc = yq if yc is None else yc + yq
                 ys.append(yc)
-            y = torch.cat(ys).to(x.dtype)                                  # (T, m)
+            y = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(x.dtype)    # (T, m)
         else:
             y = prefill_matmul(x2, parts, m)                              # (T, m)
     except (torch._dynamo.exc.BackendCompilerFailed, RuntimeError, OSError) as err:  # no C++ compiler / Triton
@@ -484,7 +483,7 @@ def decode_tok_s(model, new_tokens, prompt_len=8):
     return (new_tokens - 1) / ((t2 - t1) - (t1 - t0))
 
 
-def bench_decode(device, dtype, new_tokens, toy_dir="toy"):
+def bench_decode(device, dtype, new_tokens, variant="2bit-d2", toy_dir="toy"):
     from transformers import Qwen2VLForConditionalGeneration
     out = []
     models = [("qwen2-vl-2b-size random", lambda: Qwen2VLForConditionalGeneration(qwen2vl_2b_config()))]
@@ -496,9 +495,10 @@ def bench_decode(device, dtype, new_tokens, toy_dir="toy"):
         t0 = time.perf_counter()
         model = build().to(device=device, dtype=dtype).eval()
         dense = decode_tok_s(model, new_tokens)
-        vq = decode_tok_s(quantize_decoder_(model), new_tokens)
-        out.append(dict(model=name, dense_tok_s=round(dense, 2), vq_tok_s=round(vq, 2), speedup=round(vq / dense, 3)))
-        print(f"decode {name}: dense {dense:.2f} tok/s, 2-bit VQ {vq:.2f} tok/s ({vq / dense:.2f}x)"
+        vq = decode_tok_s(quantize_decoder_(model, variant), new_tokens)
+        out.append(dict(model=name, variant=variant, dense_tok_s=round(dense, 2), vq_tok_s=round(vq, 2),
+                        speedup=round(vq / dense, 3)))
+        print(f"decode {name}: dense {dense:.2f} tok/s, VQ {variant} {vq:.2f} tok/s ({vq / dense:.2f}x)"
               f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
         del model
     return out
@@ -514,6 +514,9 @@ def main():
     ap.add_argument("--tokens", default="1,4,16,256")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--new-tokens", type=int, default=24, help="greedy tokens for the whole-model decode figure")
+    ap.add_argument("--decode-variant", default="2bit-d2", choices=list(VARIANTS),
+                    help="the layout every decoder linear gets for the whole-model decode figure")
+    ap.add_argument("--no-layers", action="store_true", help="only the whole-model decode figure")
     ap.add_argument("--cold-mb", type=int, default=512, help="distinct weight copies cycled for the cold figure")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -528,8 +531,8 @@ def main():
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, {dtype}, torch {torch.__version__}, cold = cycling {args.cold_mb} MB of copies")
-    results = bench_layers(shapes, tokens, variants, device, dtype, args.cold_mb << 20)
-    decode = [] if args.quick else bench_decode(device, dtype, args.new_tokens)
+    results = [] if args.no_layers else bench_layers(shapes, tokens, variants, device, dtype, args.cold_mb << 20)
+    decode = [] if args.quick else bench_decode(device, dtype, args.new_tokens, args.decode_variant)
     print(json.dumps(dict(device=name, results=results, decode=decode)))
 
 

@@ -331,6 +331,17 @@ def test_fast_path_equals_reference(layout, tokens):
     torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS[::3], ids=lambda l: f"m{l[0]}n{l[1]}d{l[2]}b{''.join(map(str, l[4]))}")
+def test_gather_path_equals_reference(layout, monkeypatch):
+    # every bit-width through the gather (the path of codebooks past 16 codewords), not the select tree
+    monkeypatch.setattr(kernels, "SELECT_MAX_BITS", 0)
+    layer = random_vq(*layout)
+    assert all(q["P"].dim() == 3 for q in layer.fast_parts())               # product codebooks: gather layout
+    for tokens in (1, kernels.PREFILL_MIN_TOKENS):
+        x = torch.randn(tokens, layout[1])
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(3, 1), (2, 5), (1, 1, 2), ()])
 def test_fast_path_odd_batch_shapes_and_bf16(shape):
     layer = random_vq(*LAYOUTS[0])
