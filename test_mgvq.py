@@ -342,7 +342,7 @@ def test_gather_path_equals_reference(layout, monkeypatch):
         torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(3, 1), (2, 5), (1, 1, 2), ()])
+@pytest.mark.parametrize("shape", [(3, 1), (2, 5), (4, 9), (1, 1, 2), ()])  # (4, 9): 36 tokens, prefill
 def test_fast_path_odd_batch_shapes_and_bf16(shape):
     layer = random_vq(*LAYOUTS[0])
     x = torch.randn(*shape, 512)
