@@ -302,13 +302,18 @@ def dequantize_part(S, P, s, B: int, p: int, d: int) -> list:
 
 def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 << 20) -> torch.Tensor:
     """y (T, m) = x Wᵀ for many tokens: dequantize a block of rows at a time, then accumulate its matmuls. Blocks
-    keep each allocation under glibc's mmap threshold (32 MB): a fresh (m × n) fp32 buffer per call costs ~13 ms
+    keep each Wᵀ matrix under glibc's mmap threshold (32 MB): a fresh (m × n) fp32 buffer per call costs ~13 ms
     of page faults at 8960 × 1536, more than the dequantization itself."""
     deq = _compiled_fn("dequantize", dequantize_part)
     step = math.lcm(*[q["S"].shape[3] for q in parts])                    # blocks end on every part's block edge
-    step *= max(1, block_bytes // (4 * x.shape[1] * step))
-    xs = [[x.index_select(1, q["cols"][:, j].reshape(-1)) for j in range(q["cols"].shape[1])] for q in parts]
-    y = x.new_empty(x.shape[0], m)                                         # xs: per part, Q × (T, G·C) inputs
+    rows_in = max(q["cols"].shape[0] * q["cols"].shape[2] for q in parts)  # rows of the largest Wᵀ matrix
+    step *= max(1, block_bytes // (4 * rows_in * step))
+    xs = []                                                                # per part, Q × (T, G·C) inputs
+    for q in parts:
+        G, Q, C = q["cols"].shape
+        xq = x.index_select(1, q["cols"].transpose(0, 1).reshape(-1))      # (T, Q·G·C): one pass over x
+        xs.append([xq[:, j * G * C:(j + 1) * G * C] for j in range(Q)])     # column blocks: views, no copies
+    y = x.new_empty(x.shape[0], m)
     for r0 in range(0, m, step):
         yb, first = y[:, r0:r0 + step], True
         for q, xq in zip(parts, xs):
