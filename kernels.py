@@ -217,8 +217,7 @@ def _per_index(B: int, V: int, most: int) -> int:
 def _dynamic(*ts):
     for t in ts:  # blocks and groups vary from layer to layer: one compiled kernel serves them all
         torch._dynamo.maybe_mark_dynamic(t, 0)
-        if t.dim() > 1:
-            torch._dynamo.maybe_mark_dynamic(t, 1)
+        torch._dynamo.maybe_mark_dynamic(t, 1)
     return ts
 
 
@@ -227,7 +226,7 @@ def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_ro
       S    (NB, G, C, Rb) uint8 (int16/int32 past 8 bits)  p indices per byte; blocks of Rb rows, C = V / p
       P    select: (NB, G, K, L) int32 codewords (L = 1: shared by the block's rows; L = Rb: one per row)
            gather: (NB, G, K^p) int32 product codewords (p·d int8 fields of 8 bits)
-      s    (NB, G, L) fp32 scales;  cols (G, Q, C) the input column of weight q of byte c, Q = p·d
+      s    (NB, G, L) fp32 scales;  cols (Q, G, C) the input column of weight q of byte c of group g, Q = p·d
       code (B, p, d) ints: index bits, indices per byte, vector length."""
     m, (R, G, K, _) = codes.shape[0], codebook.shape
     B, V, dev = b * d, group_size // d, codes.device
@@ -248,9 +247,9 @@ def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_ro
     else:
         digits = (torch.arange(K**p, device=dev)[:, None] >> (B * torch.arange(p, device=dev))) & (K - 1)
         P, s = pack_fields(codebook[:, :, digits].reshape(R, G, K**p, Q), 8), s[..., None]  # codeword j = digit j
-    cols = (groups.long()[:, None, None] * group_size + torch.arange(C, device=dev) * Q
-            + torch.arange(Q, device=dev)[:, None])                         # (G, Q, C)
-    S, P, s, cols = _dynamic(S, P.contiguous(), s.contiguous(), cols)
+    cols = (groups.long()[:, None] * group_size + torch.arange(C, device=dev) * Q
+            + torch.arange(Q, device=dev)[:, None, None])                   # (Q, G, C)
+    S, P, s = _dynamic(S, P.contiguous(), s.contiguous())
     return dict(S=S, P=P, s=s, cols=cols, code=(B, p, d))
 
 
@@ -278,15 +277,21 @@ def byte_weights(v: torch.Tensor, P: torch.Tensor, B: int, p: int, d: int) -> li
     return [unpack_field(word, q, 8) for q in range(p * d)]
 
 
+def part_inputs(x: torch.Tensor, part: dict) -> torch.Tensor:
+    """x (T, n) -> (T, Q, G, C): the input that weight q of byte c of group g multiplies. Gathered outside the
+    compiled kernels: inlined into them, it costs two dependent loads per use."""
+    return x.index_select(1, part["cols"].reshape(-1)).reshape(x.shape[0], *part["cols"].shape)
+
+
 def decode_part(xg, S, P, s, B: int, p: int, d: int) -> torch.Tensor:
     """y (T, m) = W_part x for each of T (few) tokens, decoding the weights in registers, never forming W.
-    xg (T, G, Q, C) fp32: the inputs of weight q of byte c (gathered outside: inlined, it costs two loads per use)."""
+    xg (T, Q, G, C) fp32: `part_inputs`."""
     weights = byte_weights(S.int(), P, B, p, d)                            # Q × (NB, G, C, Rb)
     parts = []
     for xt in xg:                                                          # unrolled: each weight serves all T
-        acc = weights[0] * xt[None, :, 0, :, None]
+        acc = weights[0] * xt[0, :, :, None]
         for q in range(1, len(weights)):
-            acc = acc + weights[q] * xt[None, :, q, :, None]
+            acc = acc + weights[q] * xt[q, :, :, None]
         parts.append(acc.sum(2))                                           # (NB, G, Rb)
     return (torch.stack(parts) * s).sum(2).reshape(xg.shape[0], -1)       # scale per (tile × group), then Σ_g
 
@@ -307,11 +312,7 @@ def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 <<
     deq = _compiled_fn("dequantize", dequantize_part)
     step = math.lcm(*[q["S"].shape[3] for q in parts])                    # blocks end on every part's block edge
     step *= max(1, block_bytes // (4 * x.shape[1] * step))
-    xs = []                                                                # per part, Q × (T, G·C) inputs
-    for q in parts:
-        G, Q, C = q["cols"].shape
-        xq = x.index_select(1, q["cols"].transpose(0, 1).reshape(-1))      # (T, Q·G·C): one pass over x
-        xs.append([xq[:, j * G * C:(j + 1) * G * C] for j in range(Q)])     # column blocks: views, no copies
+    xs = [part_inputs(x, q).flatten(2).unbind(1) for q in parts]          # per part, Q × (T, G·C) views
     y = x.new_empty(x.shape[0], m)
     for r0 in range(0, m, step):
         yb, first = y[:, r0:r0 + step], True
@@ -358,8 +359,8 @@ def vq_linear(x: torch.Tensor, layer: "VQLinear") -> torch.Tensor:
             for xc in x2.split(DECODE_TOKENS):                             # chunks of at most 8 tokens
                 yc = None
                 for q in parts:                                            # one call per bit-width, summed
-                    xg = xc.index_select(1, q["cols"].reshape(-1)).reshape(len(xc), *q["cols"].shape).float()
-                    torch._dynamo.maybe_mark_dynamic(xg, 1)                # G varies; the token count stays fixed
+                    xg = part_inputs(xc, q).float()                        # (t, Q, G, C)
+                    torch._dynamo.maybe_mark_dynamic(xg, 2)                # G varies; the token count stays fixed
                     yq = decode(xg, q["S"], q["P"], q["s"], *q["code"])    # (t, m)
                     yc = yq if yc is None else yc + yq
                 ys.append(yc)
@@ -400,13 +401,14 @@ def random_layer(m, n, d, pattern, tile_rows, dtype=torch.float32, device="cpu",
 def _copies(layer, nbytes):
     """Shallow copies of a VQLinear, each with its own repacked tensors (for cold-cache timing)."""
     parts = layer.fast_parts()
-    tensors = lambda q: {k: t for k, t in q.items() if isinstance(t, torch.Tensor)}
-    size = sum(t.nbytes for q in parts for t in tensors(q).values())
+    size = sum(q[k].nbytes for q in parts for k in ("S", "P", "s", "cols"))
     out = []
     for _ in range(max(2, nbytes // size)):
         c = copy.copy(layer)
-        c._fast = ([{**q, **dict(zip(tensors(q), _dynamic(*[t.clone() for t in tensors(q).values()])))}
-                    for q in parts])
+        c._fast = []
+        for q in parts:
+            S, P, s = _dynamic(q["S"].clone(), q["P"].clone(), q["s"].clone())
+            c._fast.append(dict(q, S=S, P=P, s=s, cols=q["cols"].clone()))
         out.append(c)
     return out, size
 
