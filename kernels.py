@@ -146,7 +146,7 @@ class VQLinear(nn.Module):
 
     def fast_parts(self):
         """The repacked tensors of the fast path (built once, dropped when new buffers are loaded)."""
-        if self._fast is None or self._fast[0]["S"].device != self.device:
+        if self._fast is None:
             self._fast = [repack_part(getattr(self, f"codes_{b}"), getattr(self, f"codebook_{b}"),
                                       getattr(self, f"scale_{b}"), getattr(self, f"groups_{b}"), self.d,
                                       self.group_size, self.tile_rows[b], b) for b in self.bits]
@@ -156,6 +156,7 @@ class VQLinear(nn.Module):
         """`.to(torch.bfloat16)` casts floating buffers: keep the saved fp16 scales exact (move them, never cast)."""
         scales = {b: getattr(self, f"scale_{b}") for b in self.bits}
         super()._apply(fn, *args, **kwargs)
+        self._fast = None                                                  # repack on the new device
         for b, s in scales.items():
             setattr(self, f"scale_{b}", s.to(getattr(self, f"codes_{b}").device))
         return self
@@ -183,7 +184,9 @@ class VQLinear(nn.Module):
 #     are what to avoid. With K ≤ 16 codewords an index is decoded by a SELECT TREE instead: its B bits become
 #     B all-ones/zero masks, and K - 1 bitwise selects `a ^ (m & (a ^ b))` (= m ? b : a, one vpternlogd each)
 #     pick the codeword out of K values held in registers: no memory access, all vector.
-#   - a codeword travels as ONE int32: its d int8 values in fields of 32/d bits, taken out with two shifts.
+#   - one int32 word carries the codewords of h = min(p, 4 // d) indices of a byte (h·d int8 fields, taken out
+#     with two shifts each): each of the h slots holds the whole codebook, and a mask is all ones over slot j
+#     where bit i of index j is set, so one tree decodes h indices at once (2-bit d = 2: two, 64 weights/tree).
 #   - the vector lanes run over rows that share a codebook (a row tile), so each codeword is broadcast once per
 #     (tile × group); tiles of fewer than 16 rows are merged into 16-row blocks with a per-lane codebook copy.
 #   - p indices per byte (p·B ≤ 8), laid out (block, group, byte, row): one 16-byte load feeds 16 rows.
@@ -206,6 +209,11 @@ def unpack_field(word: torch.Tensor, j: int, width: int) -> torch.Tensor:
     return ((word << (32 - (j + 1) * width)) >> (32 - width)).float()
 
 
+def _slots(p: int, d: int) -> int:
+    """Indices decoded by one select tree: h of them share an int32 word (h·d int8 fields), h ≤ p."""
+    return min(p, 4 // d)
+
+
 def _per_index(B: int, V: int, most: int) -> int:
     """Indices per byte (or per super-index): the largest power of two p ≤ most with p·B ≤ 8 that divides V."""
     p = 1
@@ -224,7 +232,7 @@ def _dynamic(*ts):
 def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_rows: int, b: int) -> dict:
     """One bit-width's saved buffers -> the fast path's tensors:
       S    (NB, G, C, Rb) uint8 (int16/int32 past 8 bits)  p indices per byte; blocks of Rb rows, C = V / p
-      P    select: (NB, G, K, L) int32 codewords (L = 1: shared by the block's rows; L = Rb: one per row)
+      P    select: (NB, G, K, L) int32 codeword k, h times over (L = 1: shared by the block's rows; L = Rb: per row)
            gather: (NB, G, K^p) int32 product codewords (p·d int8 fields of 8 bits)
       s    (NB, G, L) fp32 scales;  cols (Q, G, C) the input column of weight q of byte c of group g, Q = p·d
       code (B, p, d) ints: index bits, indices per byte, vector length."""
@@ -242,7 +250,8 @@ def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_ro
     S = S.to(torch.uint8 if p * B <= 8 else torch.int16 if p * B <= 15 else torch.int32).contiguous()
     s = scale.float()
     if select:
-        P = pack_fields(codebook, 32 // d)                                   # (R, G, K)
+        h = _slots(p, d)                                                     # codeword k, h times over
+        P = pack_fields(codebook.repeat(1, 1, 1, h), 32 // (h * d))          # (R, G, K)
         P, s = (P[tile].permute(0, 2, 3, 1), s[tile].transpose(1, 2)) if merge else (P[..., None], s[..., None])
     else:
         digits = (torch.arange(K**p, device=dev)[:, None] >> (B * torch.arange(p, device=dev))) & (K - 1)
@@ -266,12 +275,22 @@ def select(masks: list, values: list) -> torch.Tensor:
 def byte_weights(v: torch.Tensor, P: torch.Tensor, B: int, p: int, d: int) -> list:
     """The p·d unscaled weights (fp32, each shaped like v) that the index bytes v (NB, G, C, Rb) stand for."""
     if B <= SELECT_MAX_BITS:
+        h = _slots(p, d)                                                   # indices decoded per word
+        width = 32 // h                                                    # bits of one index's slot
+        ones = sum(1 << (j * width) for j in range(h))                     # bit 0 of every slot
         values = [P[:, :, k, None, :] for k in range(2**B)]                 # (NB, G, 1, L) each, broadcast
         weights = []
-        for j in range(p):
-            masks = [(v << (31 - B * j - i)) >> 31 for i in range(B)]          # bit i of index j, smeared
+        for j0 in range(0, p, h):                                          # indices j0 .. j0 + h - 1
+            u = v >> (B * j0)
+            spread = u                                                     # index j0 + j's bits at j·width
+            for j in range(1, h):                                          # (other bits land where no mask looks)
+                spread = spread | (u << (j * (width - B)))
+            if h == 1:                                                     # bit i, smeared by two shifts
+                masks = [(u << (31 - i)) >> 31 for i in range(B)]
+            else:                                                          # bit i of each index, over its slot
+                masks = [(t << width) - t for t in [(spread >> i) & ones for i in range(B)]]
             word = select(masks, values)
-            weights += [unpack_field(word, e, 32 // d) for e in range(d)]
+            weights += [unpack_field(word, f, 32 // (h * d)) for f in range(h * d)]
         return weights
     word = torch.gather(P[..., None].expand(*P.shape, v.shape[-1]), 2, v.long())  # P[block, group, v]
     return [unpack_field(word, q, 8) for q in range(p * d)]
@@ -346,6 +365,20 @@ def _compiled_fn(name: str, fn):
     return _compiled[name]
 
 
+def decode_matmul(x: torch.Tensor, parts: list[dict]) -> torch.Tensor:
+    """y (T, m) fp32 = x Wᵀ for few tokens: chunks of at most DECODE_TOKENS, one decode call per bit-width, summed."""
+    decode, ys = _compiled_fn("decode", decode_part), []
+    for xc in (x,) if x.shape[0] <= DECODE_TOKENS else x.split(DECODE_TOKENS):
+        y = None
+        for q in parts:
+            xg = part_inputs(xc, q).float()                                # (t, Q, G, C)
+            torch._dynamo.maybe_mark_dynamic(xg, 2)                        # G varies; the token count stays fixed
+            yq = decode(xg, q["S"], q["P"], q["s"], *q["code"])            # (t, m)
+            y = yq if y is None else y + yq
+        ys.append(y)
+    return ys[0] if len(ys) == 1 else torch.cat(ys)
+
+
 def vq_linear(x: torch.Tensor, layer: "VQLinear") -> torch.Tensor:
     """y = x Wᵀ + bias: in-register decode for few tokens, dequantize-then-matmul for many; reference if no compiler."""
     x2 = x.reshape(-1, layer.in_features)                                  # (T, n)
@@ -355,16 +388,7 @@ def vq_linear(x: torch.Tensor, layer: "VQLinear") -> torch.Tensor:
     parts = layer.fast_parts()
     try:
         if T < PREFILL_MIN_TOKENS:
-            decode, ys = _compiled_fn("decode", decode_part), []
-            for xc in x2.split(DECODE_TOKENS):                             # chunks of at most 8 tokens
-                yc = None
-                for q in parts:                                            # one call per bit-width, summed
-                    xg = part_inputs(xc, q).float()                        # (t, Q, G, C)
-                    torch._dynamo.maybe_mark_dynamic(xg, 2)                # G varies; the token count stays fixed
-                    yq = decode(xg, q["S"], q["P"], q["s"], *q["code"])    # (t, m)
-                    yc = yq if yc is None else yc + yq
-                ys.append(yc)
-            y = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(x.dtype)    # (T, m)
+            y = decode_matmul(x2, parts).to(x.dtype)                      # (T, m)
         else:
             y = prefill_matmul(x2, parts, m)                              # (T, m)
     except (torch._dynamo.exc.BackendCompilerFailed, RuntimeError, OSError) as err:  # no C++ compiler / Triton

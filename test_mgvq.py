@@ -302,6 +302,20 @@ def test_select_tree_picks_every_index(B):
     assert torch.equal(kernels.select(masks, values), 1000 * i - 7)
 
 
+@pytest.mark.parametrize("B,d", [(1, 4), (2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (4, 4)])
+def test_byte_weights_decode_every_byte(B, d):
+    # brute force: each of the 256 byte values, one per lane, decodes to the codewords of its p indices,
+    # whether a tree decodes one index per int32 word or h of them side by side
+    p, K = 2 ** int(math.log2(8 // B)), 2**B                                # indices per byte (a power of two)
+    h = kernels._slots(p, d)
+    cb = torch.randint(-128, 128, (K, d), dtype=torch.int8, generator=torch.Generator().manual_seed(B * 10 + d))
+    P = kernels.pack_fields(cb.repeat(1, h), 32 // (h * d)).reshape(1, 1, K, 1)  # as repack_part lays it out
+    v = torch.arange(256, dtype=torch.int32).reshape(1, 1, 1, 256)           # (block, group, byte, lane)
+    got = torch.stack([w.reshape(256) for w in kernels.byte_weights(v, P, B, p, d)], -1).reshape(256, p, d)
+    idx = (torch.arange(256)[:, None] >> (B * torch.arange(p))) & (K - 1)    # (256, p): index j of each byte
+    assert torch.equal(got, cb[idx].float())
+
+
 @pytest.mark.parametrize("d", [1, 2, 4])
 def test_pack_fields_round_trip(d):
     v = torch.tensor([[-128, 127, -1, 0], [5, -6, 100, -100]], dtype=torch.int8)[:, :d]
