@@ -241,19 +241,19 @@ def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_ro
       code (B, p, d) ints: index bits, indices per byte, vector length."""
     m, (R, G, K, _) = codes.shape[0], codebook.shape
     B, V, dev = b * d, group_size // d, codes.device
-    select = B <= SELECT_MAX_BITS
-    p = _per_index(B, V, most=8) if select else _per_index(B, V, most=max(1, 4 // d))
+    tree = B <= SELECT_MAX_BITS                                            # select tree, else gather
+    p = _per_index(B, V, most=8) if tree else _per_index(B, V, most=max(1, 4 // d))
     C, Q = V // p, p * d
     idx = unpack_codes(codes, B, G * V).reshape(m, G, C, p)
     byte = (idx << (B * torch.arange(p, device=dev))).sum(-1)              # (m, G, C): index j in bits [jB, (j+1)B)
-    merge = select and tile_rows < LANES and m % LANES == 0
+    merge = tree and tile_rows < LANES and m % LANES == 0
     Rb = LANES if merge else tile_rows
     tile = torch.arange(m, device=dev).reshape(m // Rb, Rb) // tile_rows  # (NB, Rb): each row's tile
     S = byte.reshape(m // Rb, Rb, G, C).permute(3, 0, 2, 1)                # stored (C, NB, G, Rb), see above
     S = S.to(torch.uint8 if p * B <= 8 else torch.int16 if p * B <= 15 else torch.int32).contiguous()
     S = S.permute(1, 2, 0, 3)                                              # read as (NB, G, C, Rb)
     s = scale.float()
-    if select:
+    if tree:
         h = _slots(p, d)                                                     # codeword k, h times over
         P = pack_fields(codebook.repeat(1, 1, 1, h), 32 // (h * d))          # (R, G, K)
         P, s = (P[tile].permute(0, 2, 3, 1), s[tile].transpose(1, 2)) if merge else (P[..., None], s[..., None])
@@ -310,18 +310,18 @@ def decode_part(xg, S, P, s, B: int, p: int, d: int) -> torch.Tensor:
     """y (T, m) = W_part x for each of T (few) tokens, decoding the weights in registers, never forming W.
     xg (T, Q, G, C) fp32: `part_inputs`."""
     weights = byte_weights(S.int(), P, B, p, d)                            # Q × (NB, G, C, Rb)
-    parts = []
+    sums = []
     for xt in xg:                                                          # unrolled: each weight serves all T
         acc = weights[0] * xt[0, :, :, None]
         for q in range(1, len(weights)):
             acc = acc + weights[q] * xt[q, :, :, None]
-        parts.append(acc.sum(2))                                           # (NB, G, Rb)
-    return (torch.stack(parts) * s).sum(2).reshape(xg.shape[0], -1)       # scale per (tile × group), then Σ_g
+        sums.append(acc.sum(2))                                            # (NB, G, Rb)
+    return (torch.stack(sums) * s).sum(2).reshape(xg.shape[0], -1)       # scale per (tile × group), then Σ_g
 
 
 def dequantize_part(S, P, s, B: int, p: int, d: int) -> list:
     """Wᵀ of the blocks given, scaled, as Q matrices (G·C, NB·Rb): row g·C + c of matrix q is input column
-    cols[g, q, c]. All are written by the loop that decodes the bytes, 16 rows at a time: no transposing copy.
+    cols[q, g, c]. All are written by the loop that decodes the bytes, 16 rows at a time: no transposing copy.
     (One stacked (Q·G·C)-row result instead makes inductor decode every byte Q times over, then copy.)"""
     NB, G, C, Rb = S.shape
     return [(w * s[:, :, None, :]).permute(1, 2, 0, 3).contiguous().reshape(G * C, NB * Rb)
@@ -330,13 +330,14 @@ def dequantize_part(S, P, s, B: int, p: int, d: int) -> list:
 
 def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 << 20) -> torch.Tensor:
     """y (T, m) = x Wᵀ for many tokens: dequantize a block of rows at a time, then accumulate its matmuls. A block
-    (all its Wᵀ matrices together) stays under 16 MB: freed memory past glibc's trim threshold goes back to the
-    system and comes back as page faults (1536 × 8960 at 256 tokens: 28 ms in blocks of 16 MB, 34 ms in one)."""
+    (all its Wᵀ matrices together) takes about 16 MB (at least one row step that ends on every part's block edge):
+    freed memory past glibc's trim threshold goes back to the system and comes back as page faults (1536 × 8960 at
+    256 tokens: 28 ms in blocks of 16 MB, 34 ms in one). Returns fp32: bf16/fp16 products are summed in fp32."""
     deq = _compiled_fn("dequantize", dequantize_part)
     step = math.lcm(*[q["S"].shape[3] for q in parts])                    # blocks end on every part's block edge
     step *= max(1, block_bytes // (4 * x.shape[1] * step))
     xs = [part_inputs(x, q).flatten(2).unbind(1) for q in parts]          # per part, Q × (T, G·C) views
-    y = x.new_empty(x.shape[0], m)
+    y = torch.empty(x.shape[0], m, dtype=torch.float32, device=x.device)
     for r0 in range(0, m, step):
         yb, first = y[:, r0:r0 + step], True
         for q, xq in zip(parts, xs):
@@ -344,7 +345,11 @@ def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 <<
             S, P, s = [t[r0 // Rb:(r0 + step) // Rb] for t in (q["S"], q["P"], q["s"])]
             Wts = deq(*_dynamic(S.contiguous(), P, s), *q["code"])        # S row-major here: Wᵀ is written by row
             for xj, Wt in zip(xq, Wts):
-                torch.addmm(yb, xj, Wt.to(x.dtype), beta=0 if first else 1, out=yb)  # yb (+)= xj @ Wt
+                if x.dtype == torch.float32:
+                    torch.addmm(yb, xj, Wt, beta=0 if first else 1, out=yb)  # yb (+)= xj @ Wt
+                else:                                                      # a bf16/fp16 product, rounded once
+                    prod = (xj @ Wt.to(x.dtype)).float()
+                    yb.copy_(prod) if first else yb.add_(prod)
                 first = False
     return y                                                               # (T, m)
 
@@ -361,12 +366,26 @@ _OPTIONS = {           # inductor settings of these kernels only (measured with 
 }
 
 
+def _known(options: dict) -> dict:
+    """The options this torch's inductor has: an older release lacks some, and they only tune speed."""
+    from torch._inductor import config
+    known = {}
+    for key, value in options.items():
+        *path, last = key.split(".")
+        section = config
+        for name in path:
+            section = getattr(section, name, None)
+        if section is not None and hasattr(section, last):
+            known[key] = value
+    return known
+
+
 def _compiled_fn(name: str, fn):
     if name not in _compiled:
-        # one cache entry per shape family (code, block rows, token count): a model has a dozen or two.
-        # dynamic=False: only the dims marked by `_dynamic` (blocks, groups) vary; the rest stay constants.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled[name] = torch.compile(fn, dynamic=False, options=_OPTIONS)
+        # one cache entry per shape family (code, block rows, token count 1..8): a mixed-precision model has a few
+        # dozen. dynamic=False: only the dims marked by `_dynamic` (blocks, groups) vary; the rest stay constants.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        _compiled[name] = torch.compile(fn, dynamic=False, options=_known(_OPTIONS))
     return _compiled[name]
 
 
@@ -395,7 +414,7 @@ def vq_linear(x: torch.Tensor, layer: "VQLinear") -> torch.Tensor:
         if T < PREFILL_MIN_TOKENS:
             y = decode_matmul(x2, parts).to(x.dtype)                      # (T, m)
         else:
-            y = prefill_matmul(x2, parts, m)                              # (T, m)
+            y = prefill_matmul(x2, parts, m).to(x.dtype)                  # (T, m)
     except (torch._dynamo.exc.BackendCompilerFailed, RuntimeError, OSError) as err:  # no C++ compiler / Triton
         warnings.warn(f"kernels.py: torch.compile unavailable ({type(err).__name__}: "
                       f"{str(err).strip().splitlines()[0][:100]}); falling back to dequantize + F.linear")

@@ -284,6 +284,13 @@ def test_storage_bits_hand_computed():
 
 # --- the fast path
 
+@pytest.fixture(autouse=True)
+def no_silent_fallback():
+    # a kernel error must fail its test, not pass through the reference path that fallback takes
+    yield
+    assert not kernels._compiled.get("failed"), "the compiled fast path fell back to the reference"
+
+
 LAYOUTS = [  # (m, n, d, group_size, group_bits, tile_rows): mixed K, d in {1, 2, 4}, m not a multiple of 8
     (48, 512, 2, 128, [2, 1, 3, 2], {1: 4, 2: 16, 3: 48}),
     (36, 512, 2, 128, [2, 2, 2, 2], {2: 12}),
