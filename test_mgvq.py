@@ -336,7 +336,7 @@ def test_prefill_in_several_row_blocks():
     layer = random_vq(96, 512, 2, 128, [2, 1, 3, 2], {1: 4, 2: 16, 3: 32})  # parts in blocks of 16, 16, 32 rows
     x = torch.randn(40, 512)
     parts = layer.fast_parts()
-    assert [q["S"].shape[3] for q in parts] == [16, 16, 32]                  # 1-bit tiles of 4 rows merged to 16
+    assert [q["S"].shape[-1] for q in parts] == [16, 16, 32]                  # 1-bit tiles of 4 rows merged to 16
     y = kernels.prefill_matmul(x, parts, layer.out_features, block_bytes=1)  # three blocks of 32 rows ...
     y2 = kernels.prefill_matmul(x, parts, layer.out_features)                # ... or one
     ref = layer.reference_forward(x) - layer.bias
