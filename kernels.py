@@ -348,7 +348,8 @@ def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 <<
         for q, xq in zip(parts, xs):
             Rb = q["S"].shape[-1]
             S, P, s = [t[r0 // Rb:(r0 + step) // Rb] for t in (q["S"], q["P"], q["s"])]
-            Wts = deq(*_dynamic(S.contiguous(), P, s), *q["code"])        # S row-major here: Wᵀ is written by row
+            S = S.permute(1, 2, 3, 0, 4).contiguous().permute(3, 0, 1, 2, 4)  # held (G, C, NB, Rb), as Wᵀ is:
+            Wts = deq(*_dynamic(S, P, s), *q["code"])                      # its rows are then written in order
             for xj, Wt in zip(xq, Wts):
                 if x.dtype == torch.float32:
                     torch.addmm(yb, xj, Wt, beta=0 if first else 1, out=yb)  # yb (+)= xj @ Wt
