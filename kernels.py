@@ -190,8 +190,8 @@ class VQLinear(nn.Module):
 #   - the vector lanes run over rows that share a codebook (a row tile), so each codeword is broadcast once per
 #     (tile × group); tiles of fewer than 16 rows are merged into 16-row blocks with a per-lane codebook copy.
 #   - p indices per byte (p·B ≤ 8), one 16-byte load feeds 16 rows. A row block's C bytes per group are stored in
-#     planes of 8 bytes, (C/8, block, group, 8, row): a (block × group) step reads 4 runs of 128 bytes, which the
-#     hardware prefetchers follow and fetch side by side. Cold, 1 token, 2-bit d=2 (8960 × 1536 / 1536² / 3840 ×
+#     planes of Cl = gcd(C, 8) bytes, (C/Cl, block, group, Cl, row): at 2-bit d=2 (C = 32) a (block × group) step
+#     reads 4 runs of 128 bytes, which the hardware prefetchers follow and fetch side by side. Cold, 1 token, 2-bit d=2 (8960 × 1536 / 1536² / 3840 ×
 #     1280): 1.21 / 0.26 / 0.47 ms with all C bytes in one run, 0.93 / 0.21 / 0.37 in planes of 8 or 4, and 1.05 /
 #     0.22 / 0.70 in planes of 1 (32 runs of 16 bytes).
 #   - larger codebooks (3-bit d=2: K = 64; 2-bit d=4: K = 256) keep a gather, of one int32 that holds up to 4
@@ -281,7 +281,8 @@ def select(masks: list, values: list) -> torch.Tensor:
 
 
 def byte_weights(v: torch.Tensor, P: torch.Tensor, B: int, p: int, d: int) -> list:
-    """The p·d unscaled weights (fp32, each shaped like v) that the index bytes v (NB, G, C, Rb) stand for."""
+    """The p·d unscaled weights (fp32, each shaped like v) that the index words v (NB, G, C, Rb) stand for, in
+    the order of `cols`: weight j·d + e is value e of index j (index j in bits [jB, (j+1)B) of its word)."""
     if B <= SELECT_MAX_BITS:
         h = _slots(p, d)                                                   # indices decoded per word
         width = 32 // h                                                    # bits of one index's slot
@@ -390,7 +391,9 @@ def _compiled_fn(name: str, fn):
     if name not in _compiled:
         # one cache entry per shape family (code, block rows, token count 1..8): a mixed-precision model has a few
         # dozen. dynamic=False: only the dims marked by `_dynamic` (blocks, groups) vary; the rest stay constants.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        cfg = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # its older name
+        setattr(cfg, limit, max(getattr(cfg, limit), 256))
         _compiled[name] = torch.compile(fn, dynamic=False, options=_known(_OPTIONS))
     return _compiled[name]
 

@@ -288,10 +288,11 @@ def test_storage_bits_hand_computed():
 def no_silent_fallback():
     # a kernel error must fail its test, not pass through the reference path that fallback takes
     yield
-    assert not kernels._compiled.get("failed"), "the compiled fast path fell back to the reference"
+    failed = kernels._compiled.pop("failed", None)         # cleared, so that only the guilty test fails
+    assert not failed, "the compiled fast path fell back to the reference"
 
 
-LAYOUTS = [  # (m, n, d, group_size, group_bits, tile_rows): mixed K, d in {1, 2, 4}, m not a multiple of 8
+LAYOUTS = [  # (m, n, d, group_size, group_bits, tile_rows): mixed K, d in {1, 2, 4}, m not always a multiple of 16
     (48, 512, 2, 128, [2, 1, 3, 2], {1: 4, 2: 16, 3: 48}),
     (36, 512, 2, 128, [2, 2, 2, 2], {2: 12}),
     (40, 512, 1, 256, [2, 4], {2: 8, 4: 40}),
@@ -309,18 +310,19 @@ def test_select_tree_picks_every_index(B):
     assert torch.equal(kernels.select(masks, values), 1000 * i - 7)
 
 
-@pytest.mark.parametrize("B,d", [(1, 4), (2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (4, 4)])
-def test_byte_weights_decode_every_byte(B, d):
-    # brute force: each of the 256 byte values, one per lane, decodes to the codewords of its p indices,
-    # whether a tree decodes one index per int32 word or h of them side by side
-    p, K = 2 ** int(math.log2(8 // B)), 2**B                                # indices per byte (a power of two)
-    h = kernels._slots(p, d)
-    cb = torch.randint(-128, 128, (K, d), dtype=torch.int8, generator=torch.Generator().manual_seed(B * 10 + d))
-    P = kernels.pack_fields(cb.repeat(1, h), 32 // (h * d)).reshape(1, 1, K, 1)  # as repack_part lays it out
-    v = torch.arange(256, dtype=torch.int32).reshape(1, 1, 1, 256)           # (block, group, byte, lane)
-    got = torch.stack([w.reshape(256) for w in kernels.byte_weights(v, P, B, p, d)], -1).reshape(256, p, d)
-    idx = (torch.arange(256)[:, None] >> (B * torch.arange(p))) & (K - 1)    # (256, p): index j of each byte
-    assert torch.equal(got, cb[idx].float())
+@pytest.mark.parametrize("b,d", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (2, 2), (1, 4)])
+def test_byte_weights_decode_every_byte(b, d):
+    # brute force: every value of an index byte, one per lane, decodes to the codewords of its p indices, with
+    # the codebook as repack_part lays it out, whether a tree decodes one index per int32 word or several
+    layer = random_vq(16, 128, d, 128, [b], {b: 16}, seed=10 * b + d)
+    part = layer.fast_parts()[0]
+    B, p, _ = part["code"]
+    assert B == b * d <= kernels.SELECT_MAX_BITS
+    v = torch.arange(2 ** (p * B), dtype=torch.int32).reshape(1, 1, 1, -1)   # (block, group, byte, lane)
+    got = torch.stack([w.reshape(-1) for w in kernels.byte_weights(v, part["P"][:1, :1], B, p, d)], -1)
+    idx = (v.reshape(-1, 1) >> (B * torch.arange(p))) & (2**B - 1)          # (lanes, p): index j of each byte
+    codebook = getattr(layer, f"codebook_{b}")[0, 0]                          # tile 0, group 0: (K, d) int8
+    assert torch.equal(got, codebook[idx].reshape(-1, p * d).float())        # weight j·d + e: value e of index j
 
 
 @pytest.mark.parametrize("d", [1, 2, 4])
@@ -370,10 +372,20 @@ def test_fast_path_odd_batch_shapes_and_bf16(shape):
     y = layer(x)
     assert y.shape == (*shape, 48)
     torch.testing.assert_close(y, layer.reference_forward(x), rtol=1e-4, atol=1e-4)
-    xb = x.bfloat16()                      # bf16 in, bf16 out (a bf16 matmul past the decode path)
-    yb, ref = layer(xb), layer.reference_forward(xb.float())
-    assert yb.dtype == torch.bfloat16
-    assert (yb.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    for dtype in (torch.bfloat16, torch.float16):  # in and out in dtype (its matmuls past the decode path)
+        xb = x.to(dtype)
+        yb, ref = layer(xb), layer.reference_forward(xb.float())
+        assert yb.dtype == dtype
+        assert (yb.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_int16_index_words():
+    # d = 4 at 3 bits: 12-bit indices, one per int16 word, through the gather; beside a 1-bit part (select tree)
+    layer = random_vq(16, 256, 4, 128, [3, 1], {3: 16, 1: 4})
+    assert [q["S"].dtype for q in layer.fast_parts()] == [torch.uint8, torch.int16]
+    for tokens in (1, kernels.PREFILL_MIN_TOKENS):
+        x = torch.randn(tokens, 256)
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-4, atol=1e-4)
 
 
 def test_new_buffers_replace_the_repacked_copy():
