@@ -191,9 +191,9 @@ class VQLinear(nn.Module):
 #     (tile × group); tiles of fewer than 16 rows are merged into 16-row blocks with a per-lane codebook copy.
 #   - p indices per byte (p·B ≤ 8), one 16-byte load feeds 16 rows. A row block's C bytes per group are stored in
 #     planes of Cl = gcd(C, 8) bytes, (C/Cl, block, group, Cl, row): at 2-bit d=2 (C = 32) a (block × group) step
-#     reads 4 runs of 128 bytes, which the hardware prefetchers follow and fetch side by side. Cold, 1 token, 2-bit d=2 (8960 × 1536 / 1536² / 3840 ×
-#     1280): 1.21 / 0.26 / 0.47 ms with all C bytes in one run, 0.93 / 0.21 / 0.37 in planes of 8 or 4, and 1.05 /
-#     0.22 / 0.70 in planes of 1 (32 runs of 16 bytes).
+#     reads 4 runs of 128 bytes, which the hardware prefetchers follow and fetch side by side. Cold, 1 token,
+#     2-bit d=2 (8960 × 1536 / 1536² / 3840 × 1280): 1.21 / 0.26 / 0.47 ms with all C bytes in one run,
+#     0.93 / 0.21 / 0.37 in planes of 8 or 4, and 1.05 / 0.22 / 0.70 in planes of 1 (32 runs of 16 bytes).
 #   - larger codebooks (3-bit d=2: K = 64; 2-bit d=4: K = 256) keep a gather, of one int32 that holds up to 4
 #     weights: p consecutive codewords read as one super-index into the tile's product codebook.
 # The fast path covers d ≤ 4 (what mgvq.py makes); a layer with d > 4 runs the reference.
