@@ -17,6 +17,7 @@ import shutil
 import socket
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,21 +222,324 @@ def build_toy_image_processor(size: int = IMAGE_SIZE):
         return AutoImageProcessor.from_pretrained(folder)
 
 
-def toy_config(tokenizer):
+def toy_config(tokenizer, layers: int = 3, tie: bool = False):
     """Tiny Qwen2-VL: decoder linear input widths 512 / 1024, multiples of 256 as the quantizer needs."""
     from transformers import Qwen2VLConfig
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+    text = dict(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=tie)
     # vision hidden_size is the merger's output width and must equal the text hidden size
     vision = dict(depth=2, embed_dim=128, hidden_size=512, num_heads=4, mlp_ratio=4, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie,
                          image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                          vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+# --- the testbed: a harder scene task, real English text, a byte-level BPE
+
+# The toy above keeps its full-precision accuracy under every method at 2 bits, so it cannot tell methods
+# apart. The testbed is a Qwen2-VL trained on a harder scene task *and* on English (the docstrings that ship
+# with Python), with a 4,096-token byte-level BPE: weights that carry real information, as in a real VLM.
+TESTBED_DIR = HERE / "testbed"
+TB_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+             "purple": (140, 60, 180), "orange": (245, 140, 20), "pink": (240, 120, 190), "gray": (120, 120, 120)}
+TB_SHAPES = ("circle", "square", "triangle", "diamond")
+TB_SIZES = {"small": (6, 8), "large": (11, 13)}       # half size in pixels
+TB_GRID = 4                                           # a 4x4 grid of 28 px cells: one cell = one image token
+TB_IMAGE = 112                                        # 8x8 patches of 14 px -> 16 image tokens after the merge
+TB_KINDS = ("count", "count_attr", "color", "shape", "size", "exists", "where", "relation")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+DIGITS = tuple(str(i) for i in range(9))
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    size: str
+    row: int
+    col: int
+
+
+def tb_scene(rng: random.Random) -> list[Obj]:
+    """1-8 objects, each in its own cell of the 4x4 grid."""
+    cells = rng.sample(range(TB_GRID ** 2), rng.randint(1, 8))
+    return [Obj(rng.choice(TB_SHAPES), rng.choice(list(TB_COLORS)), rng.choice(list(TB_SIZES)), c // TB_GRID,
+                c % TB_GRID) for c in sorted(cells)]
+
+
+def tb_draw(objs: list[Obj], rng: random.Random) -> Image.Image:
+    cell = TB_IMAGE // TB_GRID
+    image = Image.new("RGB", (TB_IMAGE, TB_IMAGE), "white")
+    pen = ImageDraw.Draw(image)
+    for o in objs:
+        r = rng.randint(*TB_SIZES[o.size])
+        cx, cy = o.col * cell + cell // 2 + rng.randint(-2, 2), o.row * cell + cell // 2 + rng.randint(-2, 2)
+        fill = TB_COLORS[o.color]
+        if o.shape == "circle":
+            pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            pen.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+        elif o.shape == "triangle":
+            pen.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+        else:
+            pen.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return image
+
+
+def unique(objs: list[Obj], *keys: str) -> list[Obj]:
+    """The objects that the attributes `keys` name unambiguously in this scene."""
+    sig = lambda o: tuple(getattr(o, k) for k in keys)
+    return [o for o in objs if sum(sig(t) == sig(o) for t in objs) == 1]
+
+
+def tb_ask(rng: random.Random, objs: list[Obj], weights: dict | None = None) -> tuple[str, str, str, list[str]]:
+    """(question, answer, kind, choices); every answer needs the image, and binds attributes to one object.
+    The kind is drawn uniformly among those the scene can ask, or by `weights` (training only)."""
+    by = {keys: unique(objs, *keys) for keys in (("size", "shape"), ("size", "color"), ("color", "shape"))}
+    pairs = [(a, b) for a in by["color", "shape"] for b in by["color", "shape"] if a.col != b.col]
+    ok = {"count": True, "count_attr": True, "color": bool(by["size", "shape"]), "shape": bool(by["size", "color"]),
+          "size": bool(by["color", "shape"]), "exists": True, "where": bool(by["color", "shape"]),
+          "relation": bool(pairs)}
+    kinds = [k for k in TB_KINDS if ok[k]]
+    kind = rng.choices(kinds, [weights[k] for k in kinds])[0] if weights else rng.choice(kinds)
+    if kind == "count":
+        return "How many shapes are there?", str(len(objs)), kind, list(DIGITS[1:])
+    if kind == "count_attr":
+        some = rng.choice(objs) if rng.random() < 0.75 else None     # mostly an attribute the scene has
+        if rng.random() < 0.5:
+            color = some.color if some else rng.choice(list(TB_COLORS))
+            return f"How many {color} shapes are there?", str(sum(o.color == color for o in objs)), kind, list(DIGITS)
+        shape = some.shape if some else rng.choice(TB_SHAPES)
+        return f"How many {shape}s are there?", str(sum(o.shape == shape for o in objs)), kind, list(DIGITS)
+    if kind == "color":
+        o = rng.choice(by["size", "shape"])
+        return f"What color is the {o.size} {o.shape}?", o.color, kind, list(TB_COLORS)
+    if kind == "shape":
+        o = rng.choice(by["size", "color"])
+        return f"What shape is the {o.size} {o.color} one?", o.shape, kind, list(TB_SHAPES)
+    if kind == "size":
+        o = rng.choice(by["color", "shape"])
+        return f"Is the {o.color} {o.shape} small or large?", o.size, kind, list(TB_SIZES)
+    if kind == "where":
+        o = rng.choice(by["color", "shape"])
+        answer = QUADRANTS[2 * (o.row >= TB_GRID // 2) + (o.col >= TB_GRID // 2)]
+        return f"Where is the {o.color} {o.shape}?", answer, kind, list(QUADRANTS)
+    if kind == "relation":
+        a, b = rng.choice(pairs)
+        return f"Is the {a.color} {a.shape} left of the {b.color} {b.shape}?", "yes" if a.col < b.col else "no", \
+            kind, ["yes", "no"]
+    present = {(o.color, o.shape) for o in objs}            # kind == "exists"
+    # half the negatives bind wrongly: the colour and the shape are both in the scene, but not together
+    swapped = [(o.color, t.shape) for o in objs for t in objs if (o.color, t.shape) not in present]
+    absent = [(c, s) for c in TB_COLORS for s in TB_SHAPES if (c, s) not in present]
+    if rng.random() < 0.5:
+        (color, shape), answer = rng.choice(sorted(present)), "yes"
+    else:
+        (color, shape), answer = rng.choice(sorted(swapped) if swapped and rng.random() < 0.5 else absent), "no"
+    return f"Is there a {color} {shape}?", answer, kind, ["yes", "no"]
+
+
+def tb_caption(objs: list[Obj]) -> str:
+    """Every object in reading order: a training-only kind that supervises every object at once."""
+    return ", ".join(f"{o.size} {o.color} {o.shape}" for o in objs)
+
+
+# Training asks the kinds that need positions (M-RoPE's row and column) and counting more often.
+TRAIN_KIND_WEIGHTS = dict(count=1.5, count_attr=1.5, color=1, shape=1, size=1, exists=1, where=2, relation=2)
+
+
+def tb_sample(rng: random.Random, caption: bool = False, weights: dict | None = None) -> Sample:
+    objs = tb_scene(rng)
+    image = tb_draw(objs, rng)
+    if caption:
+        text = tb_caption(objs)
+        return Sample(image, "Describe the image.", text, "describe", [text])
+    question, answer, kind, choices = tb_ask(rng, objs, weights)
+    return Sample(image, question, answer, kind, choices)
+
+
+def testbed_task(split: str, n: int, seed: int = 0) -> list[Sample]:
+    """n scene questions of a split (train / calib / eval: separate random streams)."""
+    assert split in ("train", "calib", "eval"), f"unknown split {split!r}"
+    rng = random.Random(f"mgvq-testbed:{split}:{seed}")
+    return [tb_sample(rng) for _ in range(n)]
+
+
+def stdlib_documents() -> dict[str, str]:
+    """English that ships with Python: every docstring of the standard library's modules (read with ast, not
+    imported; tests, demos and IDLE left out), one document per module, and each pydoc help topic. The text,
+    so the testbed's data, is fixed for a given Python version (the testbed was made with the one in its
+    config.json's "mgvq_python")."""
+    import ast
+    import sysconfig
+    import pydoc_data.topics
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "tkinter", "ensurepip", "venv"}
+    docs = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts[:-1]) or any(p.startswith((".", "__pycache__")) for p in rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        found = [ast.get_docstring(node) for node in ast.walk(tree)
+                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        text = "\n\n".join(d for d in found if d and len(d) > 40)
+        if text:
+            docs[f"module:{rel.as_posix()}"] = text
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        docs[f"topic:{name}"] = text.strip()
+    return docs
+
+
+def text_split(name: str) -> str:
+    """Documents are split by name (a stable hash): 10 % eval, 5 % calib, the rest train."""
+    bucket = zlib.crc32(name.encode()) % 20
+    return "eval" if bucket < 2 else "calib" if bucket == 2 else "train"
+
+
+def text_corpus(split: str) -> str:
+    docs = stdlib_documents()
+    return "\n\n".join(docs[k] for k in sorted(docs) if text_split(k) == split)
+
+
+def testbed_calib(n: int, seed: int = 0) -> list[Sample]:
+    """The testbed's default calibration set, mixed as a user's calibration file would be: three quarters scene
+    conversations of its calib split, one quarter plain text (windows of ~500 characters of the calib text)."""
+    n_text = n // 4
+    rng = random.Random(f"mgvq-testbed:calib-text:{seed}")
+    corpus = text_corpus("calib")
+    texts = []
+    for _ in range(n_text):
+        start = corpus.find(" ", rng.randrange(len(corpus) - 600)) + 1   # start and end on a word boundary
+        texts.append(Sample(None, "", corpus[start:corpus.rfind(" ", start, start + 500)], "text", []))
+    scenes = testbed_task("calib", n - n_text, seed)
+    out = []
+    for i, scene in enumerate(scenes):                     # a text after every third scene: in every batch of 4
+        out += [scene] + ([texts.pop(0)] if i % 3 == 2 and texts else [])
+    return out + texts
+
+
+def build_bpe_tokenizer(vocab_size: int = 4096):
+    """A byte-level BPE trained on the training split of the text and the scene task's words, with Qwen's
+    special tokens and the chat template (question before the image, as the toy's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    words = " ".join([*TB_COLORS, *TB_SHAPES, *TB_SIZES, *QUADRANTS, *DIGITS, "shapes", "circles", "squares",
+                      "triangles", "diamonds"])
+    task = [text for s in testbed_task("train", 2000, seed=99) for text in (s.question, s.answer)]
+    captions = [tb_caption(tb_scene(rng)) for rng in [random.Random("mgvq-testbed:bpe")] for _ in range(500)]
+    core.train_from_iterator([text_corpus("train"), words, *task, *captions, "Describe the image."], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<|endoftext|>",
+                                        eos_token="<|im_end|>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:7]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def testbed_config(tokenizer):
+    """4 decoder layers of width 512 (MLP 1024, 8 heads, 2 KV heads), tied 4,096-token embedding, a 2-block
+    vision tower: 11.5 M parameters, 23 MB in bf16."""
+    config = toy_config(tokenizer, layers=4, tie=True)
+    config.mgvq_python = sys.version.split()[0]
+    return config
+
+
+def text_samples(tokenizer, split: str, n: int, length: int = 128) -> list[Sample]:
+    """The first n consecutive chunks of `length` tokens of a text split, as text-only samples (no image)."""
+    ids = tokenizer(text_corpus(split), add_special_tokens=False)["input_ids"]
+    assert len(ids) >= n * length, f"the {split} text has {len(ids)} tokens, fewer than {n} x {length}"
+    return [Sample(None, "", tokenizer.decode(ids[i * length:(i + 1) * length]), "text", [])
+            for i in range(n)]
+
+
+
+def cell_targets(objs: list[Obj]) -> torch.Tensor:
+    """(16,) the class of each grid cell, in the image tokens' order (raster): 0 empty, else 1 + the index of
+    (colour, shape, size) among the 64 combinations."""
+    target = torch.zeros(TB_GRID ** 2, dtype=torch.long)
+    for o in objs:
+        c = (list(TB_COLORS).index(o.color) * len(TB_SHAPES) + TB_SHAPES.index(o.shape)) * len(TB_SIZES)
+        target[o.row * TB_GRID + o.col] = 1 + c + list(TB_SIZES).index(o.size)
+    return target
+
+
+def train_testbed(out: Path = TESTBED_DIR, steps: int = 1800, qa_batch: int = 24, text_batch: int = 6,
+                  lr: float = 1.5e-3, seed: int = 0, device: str = "cpu", threads: int = 1, log=print) -> dict:
+    """Train the testbed from scratch and save it (bf16, hub layout). Each step: qa_batch scene rows (a third of
+    them captions) and text_batch windows of 128 tokens of the training text; the loss is the scene rows' mean
+    answer loss + the text's mean token loss + an auxiliary loss that asks each image token (the vision merger's
+    output) for its cell's object, which gets the vision tower going from the first steps (the auxiliary head
+    is not part of the saved model). Everything is seeded: the same command gives the same weights."""
+    from transformers import Qwen2VLForConditionalGeneration
+    torch.set_num_threads(threads)            # CPU sums depend on the thread count: the recipe fixes it
+    torch.manual_seed(seed)
+    tokenizer = build_bpe_tokenizer()
+    model = Qwen2VLForConditionalGeneration(testbed_config(tokenizer)).to(device)
+    vlm = VLM(model, "testbed", tokenizer, build_toy_image_processor(TB_IMAGE), torch.device(device), torch.float32)
+    aux = torch.nn.Linear(model.config.text_config.hidden_size, 1 + len(TB_COLORS) * len(TB_SHAPES) * len(TB_SIZES)).to(device)
+    merged = {}
+    hook = model.model.visual.merger.register_forward_hook(lambda mod, args, y: merged.update(y=y))
+    stream = torch.tensor(tokenizer(text_corpus("train"), add_special_tokens=False)["input_ids"])
+    params = list(model.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    warmup = max(steps // 30, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(   # linear warmup, then cosine down to 5 %
+        opt, lambda t: min(1.0, (t + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / steps))))
+    rng, gen = random.Random(f"mgvq-testbed:train:{seed}"), torch.Generator().manual_seed(seed)
+    calib = testbed_task("calib", 96, seed)
+    log(f"training the testbed: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+        f"{len(stream)} training text tokens, {steps} steps")
+    start, running = time.time(), None
+    for step in range(steps):
+        model.train()
+        rows, cells = [], []
+        for i in range(qa_batch):
+            objs = tb_scene(rng)
+            image = tb_draw(objs, rng)
+            if i % 3 == 2:
+                rows.append(Sample(image, "Describe the image.", tb_caption(objs), "describe", []))
+            else:
+                question, answer, kind, choices = tb_ask(rng, objs, TRAIN_KIND_WEIGHTS)
+                rows.append(Sample(image, question, answer, kind, choices))
+            cells.append(cell_targets(objs))
+        scene = vlm.batch(rows)
+        labels = scene.pop("labels")
+        losses = [row_mean_loss(model(**scene).logits, labels)]
+        losses.append(F.cross_entropy(aux(merged["y"]), torch.cat(cells).to(device)))   # (B*16, 65)
+        starts = torch.randint(0, len(stream) - 129, (text_batch,), generator=gen)
+        text = torch.stack([stream[s:s + 129] for s in starts.tolist()]).to(device)   # (B, 129)
+        logits = model(input_ids=text[:, :-1]).logits                                  # (B, 128, V)
+        losses.append(F.cross_entropy(logits.flatten(0, 1), text[:, 1:].flatten()))
+        opt.zero_grad(set_to_none=True)
+        sum(losses).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        now = torch.tensor([l.item() for l in losses])
+        running = now if running is None else 0.98 * running + 0.02 * now
+        if step % 50 == 0 or step == steps - 1:
+            line = (f"step {step:5d}/{steps}  loss: scene {running[0]:.3f}  cells {running[1]:.3f}  text {running[2]:.3f}"
+                    f"  {time.time() - start:6.0f} s")
+            if step % 300 == 0 or step == steps - 1:
+                model.eval()
+                line += f"  calib accuracy {qa_check(vlm, calib, batch_size=64)['accuracy']:.3f}"
+            log(line)
+    hook.remove()
+    save_toy(vlm, out)
+    return {"seconds": round(time.time() - start, 1)}
 
 
 # --- loading
@@ -257,23 +561,34 @@ class VLM:
     device: torch.device
     dtype: torch.dtype
 
-    def prompt_ids(self, sample: Sample, grid_thw: torch.Tensor) -> list[int]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
+    def prompt_ids(self, sample: Sample, grid_thw: torch.Tensor | None) -> list[int]:
+        """The chat prompt of a sample; a text-only sample (no image, no question) has none: all of it is answer."""
+        if sample.image is None and not sample.question:
+            return []
+        content = [{"type": "text", "text": sample.question}]
+        if sample.image is not None:
+            content.insert(0, {"type": "image"})
+        messages = [{"role": "user", "content": content}]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        merge = self.model.config.vision_config.spatial_merge_size
-        n_image = int(grid_thw.prod()) // merge ** 2   # t·h·w / merge² tokens for this image
         pad = "<|image_pad|>"
-        assert text.count(pad) == 1, "the chat template must place exactly one image"
-        text = text.replace(pad, pad * n_image)
+        if sample.image is not None:
+            merge = self.model.config.vision_config.spatial_merge_size
+            n_image = int(grid_thw.prod()) // merge ** 2   # t·h·w / merge² tokens for this image
+            assert text.count(pad) == 1, "the chat template must place exactly one image"
+            text = text.replace(pad, pad * n_image)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def batch(self, samples: list[Sample], with_answer: bool = True) -> dict[str, torch.Tensor]:
-        """Left-padded model inputs; "labels" marks the answer tokens and the closing <|im_end|>."""
-        vision = self.image_processor(images=[s.image for s in samples], return_tensors="pt")
+        """Left-padded model inputs; "labels" marks the answer tokens and the closing <|im_end|> (every token of
+        a text-only sample). Samples without an image get no image tokens."""
+        images = [s.image for s in samples if s.image is not None]
+        vision = self.image_processor(images=images, return_tensors="pt") if images else {}
+        grids = iter(vision.get("image_grid_thw", []))
         rows, answer_lens = [], []
-        for sample, grid_thw in zip(samples, vision["image_grid_thw"]):
-            ids = self.prompt_ids(sample, grid_thw)
-            answer = self.tokenizer(sample.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        for sample in samples:
+            ids = self.prompt_ids(sample, next(grids) if sample.image is not None else None)
+            end = "" if not ids else "<|im_end|>"        # plain text ends where it ends
+            answer = self.tokenizer(sample.answer + end, add_special_tokens=False)["input_ids"]
             rows.append(ids + answer if with_answer else ids)
             answer_lens.append(len(answer) if with_answer else 0)
         T = max(len(r) for r in rows)
@@ -288,9 +603,10 @@ class VLM:
             if k:
                 labels[b, T - k:] = input_ids[b, T - k:]
         mm_token_type_ids = (input_ids == self.model.config.image_token_id).long()
-        out = dict(input_ids=input_ids, attention_mask=attention_mask,
-                   pixel_values=vision["pixel_values"].to(self.dtype), image_grid_thw=vision["image_grid_thw"],
-                   mm_token_type_ids=mm_token_type_ids)
+        out = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if images:
+            out.update(pixel_values=vision["pixel_values"].to(self.dtype), image_grid_thw=vision["image_grid_thw"],
+                       mm_token_type_ids=mm_token_type_ids)
         if with_answer:
             out["labels"] = labels
         return {k: v.to(self.device) for k, v in out.items()}
@@ -316,10 +632,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def model_folder(name: str) -> Path:
     """The local folder of a model name: toy, an alias, a Hub id or a folder."""
-    if name == "toy":
-        if not (TOY_DIR / "config.json").is_file():
-            raise ModelNotFound(f"the toy checkpoint {TOY_DIR} is missing; build it with python eval.py --train-toy")
-        return TOY_DIR
+    if name in ("toy", "testbed"):
+        folder, how = (TOY_DIR, "--train-toy") if name == "toy" else (TESTBED_DIR, "--train-testbed")
+        if not (folder / "config.json").is_file():
+            raise ModelNotFound(f"the {name} checkpoint {folder} is missing; build it with python eval.py {how}")
+        return folder
     repo = ALIASES.get(name, name)
     if Path(repo).expanduser().is_dir():
         return Path(repo).expanduser()
@@ -490,6 +807,93 @@ def qa_check(vlm: VLM, samples: list[Sample], ref: VLM | None = None, generate: 
     return result
 
 
+# --- held-out scoring: QA accuracy, text perplexity, full-vocabulary KL to the FP model
+
+@dataclass
+class HeldOut:
+    """What a model is scored on: multiple-choice questions and text chunks no calibration or training saw."""
+    questions: list[Sample]
+    texts: list[Sample]
+
+
+def is_testbed(name: str) -> bool:
+    return name == "testbed" or Path(name).expanduser().resolve() == TESTBED_DIR.resolve()
+
+
+def heldout_set(name: str, tokenizer, n_questions: int, n_texts: int = 96) -> HeldOut:
+    """The testbed's own eval split (scene questions + 128-token chunks of the held-out text); for any other
+    model the toy's synthetic questions, and the held-out text unless its vocabulary is the toy's 49 words."""
+    if is_testbed(name):
+        return HeldOut(testbed_task("eval", n_questions), text_samples(tokenizer, "eval", n_texts))
+    texts = [] if name == "toy" or len(tokenizer) < 1000 else text_samples(tokenizer, "eval", n_texts)
+    return HeldOut(make_task("eval", n_questions), texts)
+
+
+@torch.no_grad()
+def label_logprobs(vlm: VLM, samples: list[Sample], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities over the whole vocabulary (P, V) at every labelled position of the samples (the
+    answer and its <|im_end|>, or every token of a text), in order, and the P target ids."""
+    logps, targets = [], []
+    for start in range(0, len(samples), batch_size):
+        batch = vlm.batch(samples[start:start + batch_size])
+        labels = batch.pop("labels")                                       # (B, T)
+        k = int((labels != -100).sum(1).max()) + 1                         # left padding: labels sit at the end
+        logits = vlm.model(**batch, logits_to_keep=k).logits[:, :-1]       # (B, k-1, V) predicting t+1
+        target = labels[:, -k:][:, 1:]                                     # (B, k-1)
+        logps.append(logits[target != -100].float().log_softmax(-1).cpu())
+        targets.append(target[target != -100].cpu())
+    return torch.cat(logps), torch.cat(targets)
+
+
+def heldout_reference(vlm: VLM, held: HeldOut) -> dict:
+    """The FP model's side of the comparison, computed once before quantizing: choice scores, and the full
+    log-probabilities at the answer and text positions, on the CPU: fp32 for a small vocabulary (13k positions
+    x 4,096 tokens = 210 MB for the testbed), fp16 for a real one (x 151,936 = 4 GB; fp16's rounding puts a
+    floor of ~1e-5 under the KL)."""
+    ref = {"scores": choice_logprobs(vlm, held.questions)}
+    for part, samples in (("qa", held.questions), ("text", held.texts)):
+        if samples:
+            logp, target = label_logprobs(vlm, samples)
+            ref[part] = (logp if logp.shape[1] <= 32768 else logp.half(), target)
+    return ref
+
+
+def full_kl(logp_ref: torch.Tensor, logp: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(P,) KL(p_ref ‖ p) = Σ_v p_ref (log p_ref − log p) over the whole vocabulary, per position."""
+    out = []
+    for i in range(0, len(logp), chunk):
+        lr, lq = logp_ref[i:i + chunk].float(), logp[i:i + chunk]
+        out.append((lr.exp() * (lr - lq)).sum(-1))
+    return torch.cat(out)
+
+
+def heldout_check(vlm: VLM, held: HeldOut, ref: dict | None = None, generate: bool = False) -> dict:
+    """Accuracy (overall, per kind), text perplexity and, against the FP reference, agreement and
+    KL(p_FP ‖ p) over the full vocabulary: kl_qa at the answer positions, kl_text at the text positions, and
+    kl, their mean (the two kinds of position weigh alike; text positions outnumber answers 10 to 1)."""
+    result = qa_check(vlm, held.questions, generate=generate, ref_scores=None if ref is None else ref["scores"])
+    if "kl" in result:
+        result["kl_choices"] = result.pop("kl")            # over the candidate answers only
+    kls = []
+    for part, samples in (("qa", held.questions), ("text", held.texts)):
+        if not samples:
+            continue
+        logp, target = label_logprobs(vlm, samples)
+        nll = -logp.gather(1, target[:, None]).squeeze(1)
+        if part == "text":
+            result.update(ppl=math.exp(float(nll.mean())), text_tokens=len(nll))
+        if ref is not None:
+            kls.append(float(full_kl(ref[part][0], logp).mean()))
+            result[f"kl_{part}"] = kls[-1]
+            if part == "text":
+                result["ppl_fp"] = math.exp(float(-ref[part][0].float().gather(1, target[:, None]).mean()))
+    if kls:
+        result["kl"] = sum(kls) / len(kls)
+    if "ppl" in result and ref is not None:
+        result["ppl_q"] = result["ppl"]
+    return result
+
+
 # --- training the toy
 
 def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -564,43 +968,52 @@ def print_table(result: dict) -> None:
     for kind, acc in result["per_kind"].items():
         print(f"{kind:<10} {acc:8.3f}")
     print(f"{'all':<10} {result['accuracy']:8.3f}   ({result['n']} questions, {result['model']}, {result['scorer']})")
-    for key in ("generate_accuracy", "parse_failure", "accuracy_fp", "accuracy_q", "agreement", "kl"):
+    for key in ("generate_accuracy", "parse_failure", "accuracy_fp", "accuracy_q", "agreement", "ppl", "ppl_fp",
+                "kl", "kl_qa", "kl_text", "kl_choices"):
         if key in result:
             print(f"{key:<18} {result[key]:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy", help="toy, qwen2-vl-2b, qwen2-vl-7b, a Hub id or a local folder")
+    p.add_argument("--model", default="toy", help="toy, testbed, qwen2-vl-2b, qwen2-vl-7b, a Hub id or a local folder")
     p.add_argument("--ref", help="full-precision model to compare --model against")
-    p.add_argument("--n", type=int, default=200, help="questions from the synthetic eval split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="eval", choices=["train", "calib", "eval"])
-    p.add_argument("--jsonl", help="your own questions instead of the synthetic task")
+    p.add_argument("--n", type=int, help="held-out questions (480 on the testbed, else 200)")
+    p.add_argument("--jsonl", help="your own questions instead of the held-out set")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True,
                    help="also score greedy generation by exact match")
-    p.add_argument("--train-toy", action="store_true", help="train toy/ from scratch")
-    p.add_argument("--steps", type=int, default=2000, help="training steps for --train-toy")
-    p.add_argument("--train-batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--train-toy", action="store_true", help="train toy/ from scratch (the earlier recipe)")
+    p.add_argument("--train-testbed", action="store_true", help="train testbed/ from scratch (≈ 45 min on 2 CPU cores)")
+    p.add_argument("--out", help="where --train-testbed writes (default: testbed/)")
+    p.add_argument("--steps", type=int, help="training steps (toy 2000, testbed 1800)")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
     args = p.parse_args(argv)
     from transformers.utils import logging
     logging.set_verbosity_error()   # hides the "torchvision missing, using the PIL backend" notice
+    logging.disable_progress_bar()
+    device = "cpu" if args.device == "auto" else args.device
     try:
         if args.train_toy:
-            device = "cpu" if args.device == "auto" else args.device
-            info = train_toy(TOY_DIR, args.steps, args.train_batch, args.lr, args.seed, device)
+            info = train_toy(TOY_DIR, args.steps or 2000, seed=args.seed, device=device)
             print(f"trained in {info['seconds']} s")
-        samples = load_jsonl(args.jsonl) if args.jsonl else make_task(args.split, args.n, args.seed)
+        if args.train_testbed:
+            out = Path(args.out or TESTBED_DIR)
+            info = train_testbed(out, args.steps or 1800, seed=args.seed, device=device)
+            print(f"trained in {info['seconds']} s")
+            args.model = str(out) if args.out else "testbed"
         vlm = load_model(args.model, args.device, args.dtype)
         ref = load_model(args.ref, args.device, args.dtype) if args.ref else None
+        testbed = any(m and is_testbed(m) for m in (args.model, args.ref))
+        n = args.n or (480 if testbed else 200)
+        held = HeldOut(load_jsonl(args.jsonl), []) if args.jsonl else \
+            heldout_set("testbed" if testbed else args.model, vlm.tokenizer, n)
     except (ModelNotFound, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = qa_check(vlm, samples, ref=ref, generate=args.generate, batch_size=args.batch_size)
+    result = heldout_check(vlm, held, heldout_reference(ref, held) if ref else None, args.generate)
     print_table(result)
     print(json.dumps(result))
     return 0
