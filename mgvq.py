@@ -50,8 +50,8 @@ class Config:
     line_search: int = 3               # backtracking tries of the Newton step on the calibration KL
     token_weights: str | None = None   # none | modality | qig
     feedback: str | None = None        # ldl (exact block metric) | diag (GPTVQ's per-coordinate metric) | none
-    calib: str = "synthetic"           # built-in synthetic set, or a LLaVA-style JSONL
-    nsamples: int | None = None        # calibration samples (64 for the toy, 128 for real models)
+    calib: str = "synthetic"           # built-in set (the testbed's: its calib split, scenes + text), or a LLaVA-style JSONL
+    nsamples: int | None = None        # calibration samples (64 for the toy and the testbed, 128 for real models)
     batch_size: int = 4                # calibration samples per forward (backward activations scale with it)
     seed: int = 0
     damp: float = 0.01                 # relative damping of H_I and H_O (x10 retries, fp64 last)
@@ -63,7 +63,7 @@ class Config:
     quantize_vision: bool = False
     max_blocks: int | None = None      # stop after N blocks (dry runs; the rest stays full precision)
     random_init: bool = False          # a published model size with random weights, no download (dry runs)
-    eval_n: int = 200                  # synthetic QA questions for the check (0: skip it)
+    eval_n: int | None = None          # held-out questions for the check (480 on the testbed, else 200; 0: skip it)
     out: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -99,7 +99,11 @@ def resolve(cfg: Config) -> Config:
         if getattr(cfg, k) not in ok:
             raise ValueError(f"--{k.replace('_', '-')} must be one of {', '.join(ok)}")
     if cfg.nsamples is None:
-        cfg.nsamples = 64 if cfg.model == "toy" else 128
+        cfg.nsamples = 64 if cfg.model == "toy" or qa.is_testbed(cfg.model) else 128
+    if cfg.nsamples < 1:
+        raise ValueError(f"--nsamples must be at least 1, not {cfg.nsamples}")
+    if cfg.eval_n is None:
+        cfg.eval_n = 480 if qa.is_testbed(cfg.model) else 200
     return cfg
 
 
@@ -126,6 +130,8 @@ def tile_rows_for(m: int, bits: int, d: int, group_size: int, overhead: float) -
 def load_calib(cfg: Config) -> list:
     """The calibration samples: the built-in synthetic set, or a JSONL in the LLaVA / ShareGPT4V layout
     ({"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]})."""
+    if cfg.calib == "synthetic" and qa.is_testbed(cfg.model):
+        return qa.testbed_calib(cfg.nsamples, seed=cfg.seed)
     if cfg.calib == "synthetic":
         return qa.make_task("calib", cfg.nsamples, seed=cfg.seed)
     from PIL import Image
@@ -265,8 +271,9 @@ def token_tags(batch, x: torch.Tensor):
     """Per-token (image?, valid?) flags for an activation x (..., n) of this batch. Activations that are not
     laid out (B, T) - the vision tower's patches - count as valid image tokens."""
     mask = batch["attention_mask"]
-    if x.shape[:-1] == mask.shape:
-        return (batch["mm_token_type_ids"] == 1).reshape(-1), (mask > 0).reshape(-1)
+    if x.shape[:-1] == mask.shape:                          # a batch of text alone has no mm_token_type_ids
+        img = batch["mm_token_type_ids"] == 1 if "mm_token_type_ids" in batch else torch.zeros_like(mask, dtype=torch.bool)
+        return img.reshape(-1), (mask > 0).reshape(-1)
     n = x.numel() // x.shape[-1]
     return torch.ones(n, dtype=torch.bool, device=x.device), torch.ones(n, dtype=torch.bool, device=x.device)
 
@@ -1059,9 +1066,13 @@ def save_quantized(vlm, report: dict, out: str, choices):
 
 # --- CLI
 
-def run(cfg: Config, log=print, vlm=None, fp_scores=None) -> dict:
-    """One `python mgvq.py` run: load, calibrate, quantize, check the QA accuracy of FP and quantized
-    (same scorer, same run), report honest bits, optionally save."""
+HELDOUT_KEYS = ("accuracy_fp", "accuracy_q", "agreement", "ppl_fp", "ppl_q", "kl", "kl_qa", "kl_text", "kl_choices",
+                "per_kind")
+
+def run(cfg: Config, log=print, vlm=None, reference=None) -> dict:
+    """One `python mgvq.py` run: load, calibrate, quantize, score FP and quantized on held-out data (same
+    scorer, same run: QA accuracy, text perplexity, full-vocabulary KL), report honest bits, optionally save.
+    `reference` = (HeldOut, FP reference) when the caller has scored the FP model already (the ablation)."""
     t0 = time.time()
     cfg = resolve(cfg)
     torch.manual_seed(cfg.seed)
@@ -1070,15 +1081,15 @@ def run(cfg: Config, log=print, vlm=None, fp_scores=None) -> dict:
     samples = load_calib(cfg)                                  # bad input fails before the model loads
     if vlm is None:
         vlm = (qa.random_init_model if cfg.random_init else qa.load_model)(cfg.model, cfg.device, cfg.dtype)
-    eval_set = qa.make_task("eval", cfg.eval_n, seed=0) if cfg.eval_n else []
-    if fp_scores is None and eval_set:
-        fp_scores = qa.choice_logprobs(vlm, eval_set)
+    if reference is None and cfg.eval_n:
+        held = qa.heldout_set(cfg.model, vlm.tokenizer, cfg.eval_n)
+        reference = held, qa.heldout_reference(vlm, held)
     t1 = time.time()
     q = quantize_model(vlm, cfg, samples, log)
     quant_s = time.time() - t1
-    check = qa.qa_check(vlm, eval_set, ref_scores=fp_scores) if eval_set else {}
+    check = qa.heldout_check(vlm, *reference) if reference else {}
     report = dict(method=cfg.method, bits=cfg.bits, **bits_report(vlm.model, q["layouts"]),
-                  **{k: check.get(k) for k in ("accuracy_fp", "accuracy_q", "agreement", "kl", "per_kind")},
+                  **{k: check.get(k) for k in HELDOUT_KEYS},
                   seconds=time.time() - t0, quantize_seconds=quant_s, peak_mem_gb=peak_mem_gb(vlm.device),
                   config=asdict(cfg), **q)
     if cfg.out:
@@ -1098,32 +1109,48 @@ ABLATION = [  # (label, switches on top of the method) - each adds one MGVQ comp
 ]
 
 
-def ablation(cfg: Config, seeds=(0, 1, 2)) -> dict:
-    """The ablation table: every row at the same bits, QA accuracy as mean +- spread over calibration seeds."""
+def mean_std(values) -> tuple[float, float]:
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+
+
+def ablation(cfg: Config, seeds=(0, 1, 2), only: list[str] | None = None) -> dict:
+    """The ablation table: every row at the same bits, scored on the same held-out data; each figure is the
+    mean +- standard deviation over the calibration seeds. `only`: the rows to run, by label."""
+    table = [(label, sw) for label, sw in ABLATION if not only or label in only]
+    if only and len(table) != len(only):
+        raise ValueError(f"--rows takes labels of the table: {', '.join(label for label, _ in ABLATION)}")
+    eval_n = resolve(Config(**asdict(cfg))).eval_n             # the rows themselves resolve their own switches
     vlm0 = qa.load_model(cfg.model, cfg.device, cfg.dtype)
-    eval_set = qa.make_task("eval", cfg.eval_n, seed=0)
-    fp_scores = qa.choice_logprobs(vlm0, eval_set)
-    fp_acc = sum(s.choices[j] == s.answer for s, j in zip(eval_set, fp_scores.argmax(1).tolist())) / len(eval_set)
+    held = qa.heldout_set(cfg.model, vlm0.tokenizer, eval_n)
+    reference = held, qa.heldout_reference(vlm0, held)
+    fp = qa.heldout_check(vlm0, held)
     rows = []
-    for label, switches in ABLATION:
+    for label, switches in table:
         runs = []
         for seed in seeds:
             c = Config(**{**asdict(cfg), **switches, "seed": seed, "out": None})
-            runs.append(run(c, log=lambda *a: None, vlm=qa.load_model(cfg.model, cfg.device, cfg.dtype), fp_scores=fp_scores))
-        acc = torch.tensor([r["accuracy_q"] for r in runs])
-        rows.append(dict(row=label, bits_per_weight=runs[0]["bits_per_weight"], accuracy_mean=float(acc.mean()),
-                         accuracy_std=float(acc.std()) if len(seeds) > 1 else 0.0, accuracies=acc.tolist(),
-                         agreement=sum(r["agreement"] for r in runs) / len(runs),
-                         kl=sum(r["kl"] for r in runs) / len(runs), seconds=sum(r["seconds"] for r in runs) / len(runs)))
-        print(f"{label:28s} {rows[-1]['bits_per_weight']:.3f} b/w  acc {rows[-1]['accuracy_mean']:.3f} "
-              f"+- {rows[-1]['accuracy_std']:.3f}  agree {rows[-1]['agreement']:.3f}  {rows[-1]['seconds']:.0f}s", flush=True)
-    print(f"\n| row | bits/weight | QA accuracy (mean +- std, {len(seeds)} seeds) | agreement with FP | KL | seconds |")
-    print("|---|---|---|---|---|---|")
-    print(f"| FP | 16 (bf16) | {fp_acc:.3f} | 1.000 | 0 | - |")
+            runs.append(run(c, log=lambda *a: None, vlm=qa.load_model(cfg.model, cfg.device, cfg.dtype),
+                            reference=reference))
+        row = dict(row=label, bits_per_weight=runs[0]["bits_per_weight"], seeds=list(seeds),
+                   seconds=sum(r["seconds"] for r in runs) / len(runs))
+        for key in ("accuracy_q", "agreement", "ppl_q", "kl", "kl_qa", "kl_text"):
+            if runs[0].get(key) is not None:
+                row[key], row[key + "_std"] = mean_std(r[key] for r in runs)
+                row[key + "_runs"] = [r[key] for r in runs]
+        rows.append(row)
+        print(f"{label:28s} {row['bits_per_weight']:.3f} b/w  acc {row['accuracy_q']:.3f} +- {row['accuracy_q_std']:.3f}"
+              f"  ppl {row.get('ppl_q', float('nan')):.2f}  KL {row['kl']:.4f}  {row['seconds']:.0f}s", flush=True)
+    pm = lambda r, k, f: f"{r[k]:{f}} ± {r[k + '_std']:{f}}" if k in r else "-"
+    print(f"\n| row | bits/weight | QA accuracy | perplexity | KL (full vocabulary) | agreement | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| FP | 16 (bf16) | {fp['accuracy']:.3f} | {fp.get('ppl', float('nan')):.2f} | 0 | 1.000 | - |")
     for r in rows:
-        print(f"| {r['row']} | {r['bits_per_weight']:.3f} | {r['accuracy_mean']:.3f} +- {r['accuracy_std']:.3f} | "
-              f"{r['agreement']:.3f} | {r['kl']:.4f} | {r['seconds']:.0f} |")
-    return dict(model=cfg.model, bits=cfg.bits, accuracy_fp=fp_acc, seeds=list(seeds), rows=rows)
+        print(f"| {r['row']} | {r['bits_per_weight']:.3f} | {pm(r, 'accuracy_q', '.3f')} | {pm(r, 'ppl_q', '.2f')} | "
+              f"{pm(r, 'kl', '.4f')} | {pm(r, 'agreement', '.3f')} | {r['seconds']:.0f} |")
+    return dict(model=cfg.model, bits=cfg.bits, accuracy_fp=fp["accuracy"], ppl_fp=fp.get("ppl"),
+                per_kind_fp=fp["per_kind"], n_questions=len(held.questions), text_tokens=fp.get("text_tokens"),
+                seeds=list(seeds), rows=rows)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1144,17 +1171,20 @@ def parse_args(argv) -> tuple[Config, argparse.Namespace]:
             typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             p.add_argument(flag, type=typ, default=f.default)
     p.add_argument("--ablation", action="store_true", help="run the ablation table (3 calibration seeds)")
+    p.add_argument("--rows", help="with --ablation: only these rows, comma-separated labels (e.g. rtn,gptq,gptvq)")
     p.add_argument("--json", action="store_true", help="print the whole report as the last line, not the summary")
     args = p.parse_args(argv)
-    extra = {"ablation", "json"}
+    extra = {"ablation", "json", "rows"}
     return Config(**{k: v for k, v in vars(args).items() if k not in extra}), args
 
 
 def print_summary(r: dict):
-    f = lambda v, w: f"{v:{w}.3f}" if isinstance(v, float) else f"{'-':>{w}}"
-    print(f"\n{'method':8s} {'bits/w':>7s} {'bits/w model':>13s} {'acc FP':>7s} {'acc Q':>6s} {'agree':>6s} {'KL':>7s} {'time':>6s}")
+    f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'-':>{w}}"
+    print(f"\n{'method':8s} {'bits/w':>7s} {'bits/w model':>13s} {'acc FP':>7s} {'acc Q':>6s} {'agree':>6s} "
+          f"{'ppl FP':>7s} {'ppl Q':>7s} {'KL':>7s} {'time':>6s}")
     print(f"{r['method']:8s} {r['bits_per_weight']:7.3f} {r['bits_per_weight_model']:13.3f} {f(r['accuracy_fp'], 7)} "
-          f"{f(r['accuracy_q'], 6)} {f(r['agreement'], 6)} {f(r['kl'], 7)} {r['seconds']:5.0f}s")
+          f"{f(r['accuracy_q'], 6)} {f(r['agreement'], 6)} {f(r['ppl_fp'], 7, 2)} {f(r['ppl_q'], 7, 2)} "
+          f"{f(r['kl'], 7, 4)} {r['seconds']:5.0f}s")
 
 
 def main(argv=None) -> int:
@@ -1164,12 +1194,12 @@ def main(argv=None) -> int:
     try:
         cfg, args = parse_args(argv)
         if args.ablation:
-            print(json.dumps(ablation(cfg)))
+            print(json.dumps(ablation(cfg, only=args.rows.split(",") if args.rows else None)))
             return 0
         r = run(cfg)
         print_summary(r)
-        keys = ("method", "bits", "bits_per_weight", "bits_per_weight_model", "accuracy_fp", "accuracy_q",
-                "agreement", "kl", "per_kind", "seconds", "quantize_seconds", "peak_mem_gb")
+        keys = ("method", "bits", "bits_per_weight", "bits_per_weight_model", *HELDOUT_KEYS, "seconds",
+                "quantize_seconds", "peak_mem_gb")
         print(json.dumps(r if args.json else {k: r[k] for k in keys}))
         return 0
     except (ValueError, qa.ModelNotFound) as e:

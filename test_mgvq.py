@@ -202,6 +202,159 @@ def test_ref_against_itself_agrees(toy):
     assert result["accuracy_fp"] == result["accuracy_q"] == result["accuracy"]
 
 
+# --- the testbed (eval.py): its task, its text, its held-out scoring
+
+@pytest.fixture(scope="module")
+def testbed():
+    """A model of the testbed's shape (random weights) with its BPE tokenizer: the scoring needs no trained weights."""
+    from transformers import Qwen2VLForConditionalGeneration
+    tokenizer = E.build_bpe_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(E.testbed_config(tokenizer)).eval()
+    return E.VLM(model, "testbed", tokenizer, E.build_toy_image_processor(E.TB_IMAGE), torch.device("cpu"), torch.float32)
+
+
+def answer_from_scene(question: str, objs) -> str:
+    """The answer to a testbed question, worked out again from the objects with plain string matching."""
+    words = question.rstrip("?").split()
+    find = lambda c, s: [o for o in objs if o.color == c and o.shape == s]
+    if question == "How many shapes are there?":
+        return str(len(objs))
+    if question.startswith("How many") and words[2] in E.TB_COLORS:
+        return str(sum(o.color == words[2] for o in objs))
+    if question.startswith("How many"):
+        return str(sum(o.shape + "s" == words[2] for o in objs))
+    if question.startswith("What color"):
+        (o,) = [o for o in objs if o.size == words[4] and o.shape == words[5]]
+        return o.color
+    if question.startswith("What shape"):
+        (o,) = [o for o in objs if o.size == words[4] and o.color == words[5]]
+        return o.shape
+    if question.endswith("small or large?"):
+        (o,) = find(words[2], words[3])
+        return o.size
+    if question.startswith("Where"):
+        (o,) = find(words[3], words[4])
+        return ("top" if o.row < 2 else "bottom") + " " + ("left" if o.col < 2 else "right")
+    if " left of " in question:
+        (a,), (b,) = find(words[2], words[3]), find(words[7], words[8])
+        assert a.col != b.col
+        return "yes" if a.col < b.col else "no"
+    assert question.startswith("Is there a")
+    return "yes" if find(words[3], words[4]) else "no"
+
+
+def test_testbed_answers_match_the_scene():
+    rng = random.Random(0)
+    kinds = set()
+    for _ in range(2000):
+        objs = E.tb_scene(rng)
+        assert 1 <= len(objs) <= 8 and len({(o.row, o.col) for o in objs}) == len(objs)
+        question, answer, kind, choices = E.tb_ask(rng, objs)
+        assert answer in choices and answer == answer_from_scene(question, objs), question
+        kinds.add(kind)
+    assert kinds == set(E.TB_KINDS)
+
+
+def test_testbed_task_is_deterministic_and_splits_differ():
+    a, b = E.testbed_task("eval", 10), E.testbed_task("eval", 10)
+    assert [s.image.tobytes() for s in a] == [s.image.tobytes() for s in b]
+    assert [(s.question, s.answer) for s in a] == [(s.question, s.answer) for s in b]
+    calib = {s.image.tobytes() for s in E.testbed_task("calib", 50)}
+    assert not calib & {s.image.tobytes() for s in E.testbed_task("eval", 50)}
+
+
+def test_text_splits_are_disjoint_and_stable():
+    docs = E.stdlib_documents()
+    split = {name: E.text_split(name) for name in docs}
+    for part, lo, hi in (("eval", 0.05, 0.2), ("calib", 0.02, 0.1)):
+        assert lo < sum(v == part for v in split.values()) / len(docs) < hi
+    assert split == {name: E.text_split(name) for name in E.stdlib_documents()}     # the same on a second read
+    eval_text, calib_text = E.text_corpus("eval"), E.text_corpus("calib")
+    some = [docs[n] for n in docs if split[n] == "train"][:50]
+    assert all(d not in eval_text and d not in calib_text for d in some if len(d) > 200)
+
+
+def test_testbed_shape_is_small_and_fits_the_quantizer(testbed):
+    n = sum(p.numel() for p in testbed.model.parameters())
+    assert 2 * n <= 25e6, f"the testbed is {2 * n / 1e6:.1f} MB in bf16"
+    assert len(testbed.model.model.language_model.layers) == 4
+    for block in testbed.model.model.language_model.layers:
+        for lin in mgvq.linears(block).values():
+            assert lin.in_features % 256 == 0
+    assert len(testbed.tokenizer) == 4096 and testbed.model.config.tie_word_embeddings
+
+
+def test_text_only_samples_batch_without_images(testbed):
+    texts = E.text_samples(testbed.tokenizer, "eval", 2)
+    scene = E.testbed_task("eval", 1)
+    batch = testbed.batch(texts)
+    assert "pixel_values" not in batch and "mm_token_type_ids" not in batch
+    valid = batch["attention_mask"] == 1
+    assert torch.equal(batch["labels"] != -100, valid)                   # every token of a text is a loss position
+    mixed = testbed.batch(texts + scene)
+    assert mixed["image_grid_thw"].shape == (1, 3) and int(mixed["mm_token_type_ids"][:2].sum()) == 0
+    assert int(mixed["mm_token_type_ids"][2].sum()) == 16
+
+
+def test_testbed_calibration_mixes_scenes_and_text():
+    samples = E.testbed_calib(64, seed=1)
+    assert len(samples) == 64 and sum(s.image is None for s in samples) == 16
+    for i in range(0, 64, 4):                                           # one text in every batch of 4
+        assert sum(s.image is None for s in samples[i:i + 4]) == 1
+    calib_text = E.text_corpus("calib")
+    assert all(s.answer in calib_text for s in samples if s.image is None)
+    assert [s.answer for s in samples] != [s.answer for s in E.testbed_calib(64, seed=2)]
+    assert mgvq.load_calib(mgvq.resolve(mgvq.Config(model="testbed", seed=1)))[3].answer == samples[3].answer
+
+
+def test_full_kl_known_answer_and_direction():
+    p, q = torch.tensor([[0.5, 0.5]]).log(), torch.tensor([[0.9, 0.1]]).log()
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)        # KL(p ‖ q) = 0.5108
+    assert E.full_kl(p, q).item() == pytest.approx(expected, rel=1e-5)
+    assert E.full_kl(q, p).item() == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-5)
+
+
+def test_heldout_check_against_itself_and_a_perturbed_copy(testbed):
+    held = E.HeldOut(E.testbed_task("eval", 8), E.text_samples(testbed.tokenizer, "eval", 2))
+    ref = E.heldout_reference(testbed, held)
+    same = E.heldout_check(testbed, held, ref)
+    assert same["agreement"] == 1.0 and abs(same["kl"]) < 1e-4 and same["ppl_q"] == pytest.approx(same["ppl_fp"], rel=1e-3)
+    # perplexity by hand: exp of the mean next-token loss over the text chunks
+    batch = testbed.batch(held.texts)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = testbed.model(**batch).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert same["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    lin = testbed.model.model.language_model.layers[0].mlp.down_proj
+    W = lin.weight.data.clone()
+    lin.weight.data += 0.5 * W.std() * torch.randn_like(W)
+    try:
+        worse = E.heldout_check(testbed, held, ref)
+    finally:
+        lin.weight.data = W
+    assert worse["kl"] > 100 * max(abs(same["kl"]), 1e-7) and worse["ppl_fp"] == same["ppl_fp"] != worse["ppl_q"]
+    assert worse["kl"] == pytest.approx((worse["kl_text"] + worse["kl_qa"]) / 2) and min(worse["kl_text"], worse["kl_qa"]) > 0
+
+
+def test_testbed_run_reports_heldout_figures(testbed):
+    import copy
+    import dataclasses
+    vlm = dataclasses.replace(testbed, model=copy.deepcopy(testbed.model))    # run() quantizes in place
+    r = mgvq.run(mgvq.Config(model="testbed", method="rtn", nsamples=8, eval_n=16), log=lambda *a: None, vlm=vlm)
+    for key in ("accuracy_fp", "accuracy_q", "ppl_fp", "ppl_q", "kl", "kl_qa", "kl_text"):
+        assert isinstance(r[key], float) and math.isfinite(r[key]), key
+    assert r["kl"] > 0 and r["bits_per_weight"] < 2.5 and r["config"]["eval_n"] == 16
+
+
+def test_missing_testbed_names_its_build_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(E, "TESTBED_DIR", tmp_path / "testbed")
+    with pytest.raises(E.ModelNotFound, match="--train-testbed"):
+        E.load_model("testbed", device="cpu")
+
+
+
 # --- the quantized layer (kernels.py)
 
 def random_vq(m, n, d, group_size, group_bits, tile_rows, bias=True, dtype=torch.float32, seed=0):
