@@ -689,6 +689,54 @@ def test_bits_accounting_hand_computed():
     assert abs((16384 + 1024 + 64) / 8192 - 2.1328125) < 1e-12
 
 
+def scalar_rows(n=256, seed=20):
+    """Rows of the kinds a scalar grid must hold: one-sided in [0, 1] and in [-1, 0], lopsided both ways, small
+    (not below ~0.02 wide: at 8 bits its fp16 scale would be subnormal, with only a few significant bits)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(5, n, generator=g)
+    return torch.stack([u[0], -u[1], 1.7 * u[2] - 0.3, 2.5 * u[3] - 2.0, 0.05 * (u[4] - 0.5)])
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_minmax_grid_holds_every_row_at_every_bit_width(bits):
+    """GPTQ's grid scale * (q - z): K consecutive int8 values with 0 among them, covering each row's
+    [min(x, 0), max(x, 0)] to half a step (the int8 entries must not wrap at 8 bits), in at least K - 1 steps
+    (at 8 bits min(K - 1, 127): 256 int8 values around 0 leave a one-sided row 127)."""
+    K, X = 2 ** bits, scalar_rows()
+    Cq, scale = mgvq.minmax_grid(X.reshape(5, 1, -1, 1), K)
+    assert Cq.dtype == torch.int8 and Cq.shape == (5, K, 1)
+    q = Cq[:, :, 0].int()
+    assert ((q[:, 1:] - q[:, :-1]) == 1).all() and (q == 0).any(1).all()
+    grid = q.double() * scale.double()[:, None]                               # (rows, K)
+    lo, hi = X.amin(1).clamp_max(0).double(), X.amax(1).clamp_min(0).double()
+    gap = (X.double()[:, :, None] - grid[:, None]).abs().amin(-1).amax(1)      # farthest weight from the grid
+    assert (gap <= 0.5 * scale + 2 ** -10 * (hi - lo)).all(), (gap, scale)
+    assert ((hi - lo) / scale >= min(K - 1, 127) * (1 - 2 ** -10)).all()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_scalar_methods_round_trip_at_every_bit_width(method, bits, monkeypatch):
+    """Every --bits the CLI takes for the scalar baselines: the stored layer's dequantize() is the Q the sweep
+    computed; RTN puts every weight within half a step of itself; GPTQ's feedback beats plain rounding to the
+    same grid on the layer objective."""
+    cfg = mgvq.resolve(mgvq.Config(method=method, bits=bits))
+    lin = torch.nn.Linear(256, 5).requires_grad_(False)
+    lin.weight.copy_(scalar_rows())
+    factors = mgvq.damped_factors(lin, spd(256, seed=bits).float(), None, cfg, "lin")
+    swept = []
+    sweep = mgvq.vq_sweep
+    monkeypatch.setattr(mgvq, "vq_sweep", lambda *a, **k: swept.append(sweep(*a, **k)) or swept[-1])
+    vq, info = mgvq.quantize_linear(lin, factors, None, None, [bits], cfg, torch.Generator().manual_seed(0), "lin")
+    Wq = vq.dequantize()
+    assert torch.equal(Wq, swept[0][1])
+    step = getattr(vq, f"scale_{bits}").float()                              # (rows, 1): one grid per row
+    if method == "rtn":
+        assert ((Wq - lin.weight).abs() <= 0.5 * step * (1 + 1e-3)).all()
+    else:
+        assert info["err"] < info["err_rtn"]
+
+
 # --- the quantizer on the toy model
 
 def calib(vlm, n=16, seed=0, bs=8):
