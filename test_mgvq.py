@@ -689,6 +689,104 @@ def test_bits_accounting_hand_computed():
     assert abs((16384 + 1024 + 64) / 8192 - 2.1328125) < 1e-12
 
 
+def kms(n, rho=0.95):
+    """H_jk = rho^|j-k| (Kac-Murdock-Szego): neighbouring columns correlated rho; at n = 6, rho = 0.95 the
+    condition number is 198 and each 2 x 2 block metric D_k has a correlation of 0.69 or more, so the plain
+    distance and the diagonal of D_k pick other codewords than D_k itself."""
+    j = torch.arange(n, dtype=torch.float64)
+    return rho ** (j[:, None] - j[None]).abs()
+
+
+def greedy_reference(W, H, C, d, metric):
+    """The Block-LDL sweep written out by brute force, one row at a time: block k, the earlier blocks fixed at
+    their codewords, takes the codeword whose objective (w - q) H (w - q)^T is least once the later columns are
+    re-solved continuously ('ldl'); that continuous optimum's block k is the target t, and the objective's
+    curvature in block k is the Schur complement S_k of the later columns. 'diag': nearest to the same t under
+    diag(S_k) only (GPTVQ); 'plain': under the identity."""
+    m, n = W.shape
+    Q = torch.zeros_like(W)
+    for i in range(m):
+        w = W[i]
+        for j in range(0, n, d):
+            def resolved(fixed):                      # q = (fixed, argmin over the rest of the objective)
+                k = len(fixed)
+                rest = w[k:] - torch.linalg.solve(H[k:, k:], H[k:, :k] @ (fixed - w[:k])) if k < n else w[k:]
+                return torch.cat([fixed, rest])
+            if metric == "ldl":
+                cost = torch.stack([(w - q) @ H @ (w - q) for q in (resolved(torch.cat([Q[i, :j], c])) for c in C)])
+            else:
+                t = resolved(Q[i, :j])[j:j + d]
+                Hf = H[j:, j:]
+                S = Hf[:d, :d] - (Hf[:d, d:] @ torch.linalg.solve(Hf[d:, d:], Hf[d:, :d]) if j + d < n else 0)
+                S = torch.diag(S.diagonal()) if metric == "diag" else torch.eye(d, dtype=H.dtype)
+                cost = (((t - C) @ S) * (t - C)).sum(1)
+            Q[i, j:j + d] = C[cost.argmin()]
+    return Q
+
+
+@pytest.mark.parametrize("feedback", ["ldl", "diag"])
+def test_sweep_metric_on_an_ill_conditioned_hessian(feedback):
+    """--feedback ldl picks each block's codeword under the full block metric D_k, --feedback diag under its
+    diagonal, both from the same error-fed target: each equals its brute force, and on this H the three metrics
+    (full, diagonal, plain distance) disagree, so each answer pins its metric."""
+    n, d, m = 6, 2, 24
+    H = kms(n)
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    cb = torch.randint(-127, 128, (1, 16, d), generator=torch.Generator().manual_seed(12), dtype=torch.int8)
+    scale = torch.tensor([2.5 / 127], dtype=torch.float64)                   # 16 codewords over [-2.5, 2.5]^2
+    C = cb[0].double() * scale
+    fit = lambda X, Dm, K: (cb.expand(X.shape[0], -1, -1).clone(), scale.expand(X.shape[0]).clone())
+    U, D = mgvq.sweep_factors(H, d)
+    _, Q, _, _ = mgvq.vq_sweep(W, U, D, [2], n, {2: 1}, fit, feedback)
+    ref = {k: greedy_reference(W, H, C, d, k) for k in ("ldl", "diag", "plain")}
+    rows_differ = lambda a, b: int((ref[a] != ref[b]).any(1).sum())
+    assert min(rows_differ("ldl", "diag"), rows_differ("ldl", "plain"), rows_differ("diag", "plain")) >= 3
+    assert torch.equal(Q, ref[feedback])
+
+
+def test_single_block_sweep_is_the_exact_optimum_ill_conditioned():
+    """One d = 4 block per row: the sweep's codeword is the exact optimum over all 256 codewords of
+    (w - c) H (w - c)^T, asserted equal, on an H of condition number 10^3 where the plain nearest is not."""
+    d = 4
+    H = kms(d, 0.995)
+    W = torch.randn(32, d, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    cb = torch.randint(-127, 128, (1, 256, d), generator=torch.Generator().manual_seed(14), dtype=torch.int8)
+    scale = torch.tensor([2.0 / 127], dtype=torch.float64)
+    C = cb[0].double() * scale
+    fit = lambda X, Dm, K: (cb.expand(X.shape[0], -1, -1).clone(), scale.expand(X.shape[0]).clone())
+    U, D = mgvq.sweep_factors(H, d)
+    _, Q, _, _ = mgvq.vq_sweep(W, U, D, [2], d, {2: 1}, fit, "ldl")
+    cost = torch.einsum("ica,ab,icb->ic", W[:, None] - C, H, W[:, None] - C)   # (rows, 256 codewords)
+    best = C[cost.argmin(1)]
+    assert torch.equal(Q, best)
+    assert (C[((W[:, None] - C) ** 2).sum(-1).argmin(1)] != best).any(1).sum() >= 8   # plain nearest differs
+
+
+@pytest.mark.parametrize("per_tile", [False, True])
+def test_nearest_brute_force_under_full_metrics(per_tile):
+    """nearest() against a loop over every vector and codeword, with correlated, badly conditioned metrics that
+    differ per position (and per tile: the trial VQ's layout)."""
+    g = torch.Generator().manual_seed(15)
+    R, t, P, d, K = 3, 4, 5, 2, 16
+    X = torch.randn(R, t, P, d, generator=g, dtype=torch.float64)
+    C = torch.randn(R, K, d, generator=g, dtype=torch.float64)
+    rho = torch.rand(*((R, P) if per_tile else (P,)), generator=g, dtype=torch.float64) * 1.98 - 0.99
+    one = torch.ones_like(rho)
+    D = torch.stack([torch.stack([one, rho], -1), torch.stack([rho, one], -1)], -1)      # correlation rho
+    a = torch.tensor([1.0, 30.0], dtype=torch.float64).sqrt()                # the second coordinate weighs 30 x
+    D = a[:, None] * D * a[None]
+    got = mgvq.nearest(X, C, D)
+    want = torch.empty(R, t, P, dtype=torch.long)
+    plain_differs = 0
+    for r, i, p in itertools.product(range(R), range(t), range(P)):
+        Dm = D[r, p] if per_tile else D[p]
+        e = X[r, i, p] - C[r]
+        want[r, i, p] = int(((e @ Dm) * e).sum(1).argmin())
+        plain_differs += int(want[r, i, p] != (e ** 2).sum(1).argmin())
+    assert torch.equal(got, want)
+    assert plain_differs >= 5
+
+
 def scalar_rows(n=256, seed=20):
     """Rows of the kinds a scalar grid must hold: one-sided in [0, 1] and in [-1, 0], lopsided both ways, small
     (not below ~0.02 wide: at 8 bits its fp16 scale would be subnormal, with only a few significant bits)."""
