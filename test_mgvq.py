@@ -787,6 +787,56 @@ def test_nearest_brute_force_under_full_metrics(per_tile):
     assert plain_differs >= 5
 
 
+def test_kmeans_known_answer_weighted_by_row_and_position():
+    """Two clusters, each of one point of row 0 and one of row 1 at different positions (d = 1): the centre is
+    the mean weighted by s_i D_p. Rows weigh s = (1, 3), positions D = (1, 2):
+        {0 (s 1, D 1), 1 (s 3, D 2)}       -> (0 + 6) / 7 = 6/7
+        {100 (s 1, D 2), 102 (s 3, D 1)}   -> (200 + 306) / 5 = 101.2
+    No data point (what seeding alone returns), plain mean (0.5, 101) or mean with one weight only is right."""
+    X = torch.tensor([[0.0, 100.0], [102.0, 1.0]], dtype=torch.float64).reshape(1, 2, 2, 1)   # (R, t, P, d)
+    D = torch.tensor([1.0, 2.0], dtype=torch.float64).reshape(2, 1, 1)
+    s = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    for seed in range(4):
+        C = mgvq.kmeans(X, D, s, 2, 25, torch.Generator().manual_seed(seed))
+        assert torch.allclose(C[0, :, 0].sort().values, torch.tensor([6 / 7, 101.2], dtype=torch.float64), atol=1e-6)
+
+
+def lloyd_step(X, D, s, C):
+    """One weighted Lloyd step written out: each vector to its nearest codeword under D_p, then each used
+    codeword to argmin_c sum s_i (x - c) D_p (x - c)^T = (sum s_i D_p)^-1 sum s_i D_p x over its members."""
+    R, t, P, d = X.shape
+    new = C.clone()
+    for r in range(R):
+        A = torch.zeros(C.shape[1], d, d, dtype=X.dtype)
+        v = torch.zeros(C.shape[1], d, dtype=X.dtype)
+        for i, p in itertools.product(range(t), range(P)):
+            Dm = D[r, p] if D.dim() == 4 else D[p]
+            e = X[r, i, p] - C[r]
+            c = int(((e @ Dm) * e).sum(1).argmin())
+            A[c] += s[r, i] * Dm
+            v[c] += s[r, i] * Dm @ X[r, i, p]
+        for c in range(C.shape[1]):
+            if A[c].abs().sum() > 0:
+                new[r, c] = torch.linalg.solve(A[c], v[c])
+    return new
+
+
+@pytest.mark.parametrize("per_tile", [False, True])
+def test_kmeans_ends_at_a_fixed_point_of_the_weighted_update(per_tile):
+    """Converged k-means is a fixed point of the weighted Lloyd step under s_i D_p: on overlapping data with
+    correlated metrics and row weights from 0.1 to 10, neither the seeds nor a plain or partly weighted mean is."""
+    g = torch.Generator().manual_seed(16)
+    R, t, P, d, K = 2, 4, 6, 2, 4
+    X = torch.randn(R, t, P, d, generator=g, dtype=torch.float64)
+    rho = torch.rand(*((R, P) if per_tile else (P,)), generator=g, dtype=torch.float64) * 1.9 - 0.95
+    amp = 10 ** (2 * torch.rand(rho.shape, generator=g, dtype=torch.float64) - 1)
+    one = torch.ones_like(rho)
+    D = amp[..., None, None] * torch.stack([torch.stack([one, rho], -1), torch.stack([rho, one], -1)], -1)
+    s = 10 ** (2 * torch.rand(R, t, generator=g, dtype=torch.float64) - 1)
+    C = mgvq.kmeans(X, D, s, K, 200, torch.Generator().manual_seed(0))
+    assert torch.allclose(lloyd_step(X, D, s, C), C, atol=1e-7)
+
+
 def scalar_rows(n=256, seed=20):
     """Rows of the kinds a scalar grid must hold: one-sided in [0, 1] and in [-1, 0], lopsided both ways, small
     (not below ~0.02 wide: at 8 bits its fp16 scale would be subnormal, with only a few significant bits)."""
