@@ -837,6 +837,48 @@ def test_kmeans_ends_at_a_fixed_point_of_the_weighted_update(per_tile):
     assert torch.allclose(lloyd_step(X, D, s, C), C, atol=1e-7)
 
 
+def test_refit_is_the_least_squares_optimum():
+    """With the codes fixed, each group's codewords (per row tile) move to the solved optimum of
+    sum_i s_i (w_i - q_i) H (w_i - q_i)^T, the other group held (Gauss-Seidel: group 0, then group 1 given the
+    new group 0), up to the int8 rounding of the stored codebook. The optimum comes from torch.linalg.lstsq on
+    the stacked system sqrt(s_i) R (w_i - q_i), H = R^T R: an independent solve of the same least squares."""
+    g = torch.Generator().manual_seed(17)
+    m, n, d, gs, tr, K = 8, 16, 2, 8, 4, 4
+    P, R = gs // d, m // tr
+    H = kms(n)                                                                # condition number ~ 500
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    s = 10 ** (torch.rand(m, generator=g, dtype=torch.float64) - 0.5)
+    perm = lambda: torch.randperm(tr * P, generator=g) % K                  # every codeword used in every tile
+    codes = torch.cat([torch.stack([perm() for _ in range(R)]).reshape(m, P) for _ in range(2)], 1)   # (m, n/d)
+    books = [torch.randint(-127, 128, (R, K, d), generator=g, dtype=torch.int8) for _ in range(2)]
+    scales = [torch.full((R,), 0.01, dtype=torch.float64) for _ in range(2)]
+    Q = torch.cat([mgvq.dequant_group(codes[:, k * P:(k + 1) * P], books[k], scales[k], tr) for k in range(2)], 1)
+    Rt = torch.linalg.cholesky(H).T                                            # H = Rt^T Rt
+    expect = []
+    for k in range(2):                                                        # Gauss-Seidel over the groups
+        Ck = torch.empty(R, K, d, dtype=torch.float64)
+        for r in range(R):
+            A, b = [], []
+            for i in range(r * tr, (r + 1) * tr):
+                E = torch.zeros(n, K * d, dtype=torch.float64)                  # q_i = base_i + E c
+                for p in range(P):
+                    for e in range(d):
+                        E[k * gs + p * d + e, int(codes[i, k * P + p]) * d + e] = 1
+                base = Q[i].clone()
+                base[k * gs:(k + 1) * gs] = 0
+                A.append(s[i].sqrt() * Rt @ E)
+                b.append(s[i].sqrt() * Rt @ (W[i] - base))
+            Ck[r] = torch.linalg.lstsq(torch.cat(A), torch.cat(b)).solution.reshape(K, d)
+        expect.append(Ck)
+        Q[:, k * gs:(k + 1) * gs] = mgvq.dequant_group(codes[:, k * P:(k + 1) * P], *mgvq.int8_codebook(Ck), tr)   # as stored
+    Q2 = mgvq.refit_codebooks(W, H, s, codes, books, scales, [1, 1], gs, {1: tr})
+    for k in range(2):
+        got = books[k].double() * scales[k][:, None, None]
+        assert (got - expect[k]).abs().max() <= 0.5 * float(scales[k].max()) * (1 + 1e-6)
+    stored = torch.cat([mgvq.dequant_group(codes[:, k * P:(k + 1) * P], books[k], scales[k], tr) for k in range(2)], 1)
+    assert torch.equal(Q2, stored.to(Q2.dtype))
+
+
 def scalar_rows(n=256, seed=20):
     """Rows of the kinds a scalar grid must hold: one-sided in [0, 1] and in [-1, 0], lopsided both ways, small
     (not below ~0.02 wide: at 8 bits its fp16 scale would be subnormal, with only a few significant bits)."""
