@@ -927,6 +927,63 @@ def test_scalar_methods_round_trip_at_every_bit_width(method, bits, monkeypatch)
         assert info["err"] < info["err_rtn"]
 
 
+def test_proxy_loss_is_the_kronecker_quadratic_form():
+    """l(delta) = <G, delta> + 1/2 vec(delta)^T (H_O (x) H_I) vec(delta) (row-major vec), against the explicit
+    (mn x mn) Kronecker product; without H_O, H_O = I; and one number by hand."""
+    g = torch.Generator().manual_seed(18)
+    m, n = 3, 4
+    delta, G = torch.randn(m, n, generator=g, dtype=torch.float64), torch.randn(m, n, generator=g, dtype=torch.float64)
+    H_I, H_O = spd(n, seed=1), spd(m, seed=2)
+    v = delta.reshape(-1)
+    assert math.isclose(mgvq.proxy_loss(delta, H_I, G, H_O), float(G.reshape(-1) @ v + 0.5 * v @ torch.kron(H_O, H_I) @ v), rel_tol=1e-12)
+    assert math.isclose(mgvq.proxy_loss(delta, H_I), float(0.5 * v @ torch.kron(torch.eye(m, dtype=torch.float64), H_I) @ v), rel_tol=1e-12)
+    one = lambda x: torch.tensor([[x]], dtype=torch.float64)
+    assert mgvq.proxy_loss(one(2.0), one(3.0), one(1.0), one(5.0)) == 1 * 2 + 0.5 * 5 * 3 * 2 * 2     # = 32
+
+
+def test_token_weights_are_clipped_by_hand():
+    """41 valid tokens, 40 of attribution 1 and one of 1000, one invalid: mean 1040/41, so the ratios are
+    41/1040 = 0.039 and 41000/1040 = 39.4; clipped to [1/20, 20] -> 0.05 and 20 (sum 22), renormalised to sum 41:
+    0.05 * 41/22 and 20 * 41/22. Unclipped they would be 0.039 and 39.4."""
+    a = torch.cat([torch.ones(40), torch.tensor([1000.0, 7.0])])
+    valid = torch.ones(42, dtype=torch.bool)
+    valid[41] = False
+    w = mgvq.normalise_weights(a, valid)
+    assert torch.allclose(w[:40], torch.full((40,), 0.05 * 41 / 22)) and math.isclose(float(w[40]), 20 * 41 / 22, rel_tol=1e-6)
+    assert w[41] == 0
+    # the property, on heavy-tailed attributions with zeros: mean 1 over the valid tokens, none dropped,
+    # none weighing more than clip^2 times another
+    g = torch.Generator().manual_seed(19)
+    a = torch.rand(500, generator=g) ** 8 * 1e4
+    a[:50] = 0
+    valid = torch.rand(500, generator=g) > 0.1
+    for clip in (4.0, 20.0):
+        w = mgvq.normalise_weights(a, valid, clip)
+        assert math.isclose(float(w.sum()), int(valid.sum()), rel_tol=1e-5) and (w[~valid] == 0).all()
+        assert w[valid].min() > 0 and float(w[valid].max() / w[valid].min()) <= clip ** 2 * (1 + 1e-5)
+
+
+def test_line_search_backtracks_one_quarter_sixteenth(monkeypatch):
+    """On a toy objective |w - 1/16| from w = 0 along a shift of 1, the scales 1 and 1/4 overshoot and 1/16 lands:
+    the search must try 1, 1/4, 1/16 in that order and keep 1/16; with two tries it keeps nothing. The weights
+    come back as they were either way."""
+    lin = torch.nn.Linear(1, 1, bias=False).requires_grad_(False)
+    lin.weight.zero_()
+    tried = []
+
+    def kl(model, batches, teacher):
+        tried.append(float(lin.weight))
+        return abs(float(lin.weight) - 1 / 16)
+
+    monkeypatch.setattr(mgvq, "mean_kl", kl)
+    shift = {"a": torch.ones(1, 1)}
+    assert mgvq.line_search(None, {"a": lin}, shift, [], [], 1 / 16, 3) == (1 / 16, 0.0)
+    assert tried == [1.0, 0.25, 1 / 16] and float(lin.weight) == 0.0
+    tried.clear()
+    assert mgvq.line_search(None, {"a": lin}, shift, [], [], 1 / 16, 2) == (0.0, 1 / 16)
+    assert tried == [1.0, 0.25] and float(lin.weight) == 0.0
+
+
 # --- the quantizer on the toy model
 
 def calib(vlm, n=16, seed=0, bs=8):
