@@ -984,6 +984,39 @@ def test_line_search_backtracks_one_quarter_sixteenth(monkeypatch):
     assert tried == [1.0, 0.25] and float(lin.weight) == 0.0
 
 
+def test_allocation_greedy_fill_reaches_the_exhaustive_optimum():
+    """Groups A (2 weights), B and C (1 weight each), bits {1, 2, 3}, budget 9 index bits. The price of a bit
+    alone stops at A 2, B 2, C 2 (8 bits): A's next step costs 2 bits and the next cheaper price would take both.
+    The greedy fill must spend the last bit where it helps most per bit (B: 6 -> 4 beats C: 7 -> 5.5), which is
+    also the unique optimum of all 27 allocations."""
+    costs = torch.tensor([[20.0, 10.0, 5.5], [10.0, 6.0, 4.0], [10.0, 7.0, 5.5]])
+    sizes = torch.tensor([2, 1, 1])
+    choices, budget = [1, 2, 3], 9
+    a = mgvq.allocate_bits(costs, sizes, choices, budget)
+    feasible = [c for c in itertools.product(range(3), repeat=3) if sum(int(sizes[g]) * choices[c[g]] for g in range(3)) == budget]
+    best = min(feasible, key=lambda c: sum(float(costs[g, c[g]]) for g in range(3)))
+    assert a.tolist() == list(best) == [1, 2, 1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_equals_exhaustive_search_when_convex(seed):
+    """Equal group sizes and convex costs (each extra bit buys less): the price-then-greedy allocation is the
+    exact optimum of all 3^7 allocations at every reachable budget, ties aside."""
+    g = torch.Generator().manual_seed(seed)
+    N, choices = 7, [1, 2, 3]
+    first = torch.rand(N, generator=g, dtype=torch.float64) * 10 + 1
+    drops = torch.rand(N, 2, generator=g, dtype=torch.float64).sort(1, descending=True).values * first[:, None] / 2
+    costs = torch.stack([first, first - drops[:, 0], first - drops.sum(1)], 1)
+    sizes = torch.full((N,), 4)
+    every = torch.tensor(list(itertools.product(range(3), repeat=N)))          # (3^N, N)
+    total = costs[torch.arange(N), every].sum(1)
+    used = (sizes * torch.tensor(choices)[every]).sum(1)
+    for budget in range(4 * N, 4 * 3 * N + 1, 4):
+        a = mgvq.allocate_bits(costs, sizes, choices, budget)
+        assert int((sizes * torch.tensor(choices)[a]).sum()) == budget
+        assert math.isclose(float(costs[torch.arange(N), a].sum()), float(total[used == budget].min()), rel_tol=1e-12)
+
+
 # --- the quantizer on the toy model
 
 def calib(vlm, n=16, seed=0, bs=8):
