@@ -1017,6 +1017,21 @@ def test_allocation_equals_exhaustive_search_when_convex(seed):
         assert math.isclose(float(costs[torch.arange(N), a].sum()), float(total[used == budget].min()), rel_tol=1e-12)
 
 
+def test_qa_check_kl_direction_by_hand(monkeypatch):
+    """KL(p_FP || p_q) over the candidates, each side renormalised over its choices, not KL(q || p): the
+    answers' likelihoods (0.2, 0.2) under FP and (0.45, 0.05) quantized are p = (1/2, 1/2), q = (0.9, 0.1), so
+    KL = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.5108 (the reverse is 0.3681); a padded third candidate adds
+    nothing, and a second question with equal p and q adds 0 to the mean."""
+    samples = [s for s in E.make_task("eval", 20) if len(s.choices) >= 3][:2]
+    p = torch.tensor([[0.2, 0.2, 0.0], [0.02, 0.03, 0.05]]).log()           # (questions, choices) log-likelihoods
+    q = torch.tensor([[0.45, 0.05, 0.0], [0.2, 0.3, 0.5]]).log()
+    monkeypatch.setattr(E, "choice_logprobs", lambda vlm, samples, batch_size=16: q.clone())
+    result = E.qa_check(type("Fake", (), {"name": "fake"})(), samples, ref_scores=p)
+    assert math.isclose(result["kl"], (0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)) / 2, rel_tol=1e-5)
+    assert result["agreement"] == 1.0
+
+
+
 # --- the quantizer on the toy model
 
 def calib(vlm, n=16, seed=0, bs=8):
