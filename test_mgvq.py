@@ -1088,6 +1088,92 @@ def test_gradient_is_zero_before_quantization_and_kfac_predicts_kl(toy):
     assert all(0.25 < r < 4.0 for r in ratios), ratios
 
 
+def perturbed_block0(toy, scale=0.1):
+    """Block 0's linears moved off FP by a seeded relative perturbation (as quantizing them would), so that the
+    KL and its gradient G in the later blocks are not zero; returns the weights to put back."""
+    lins = mgvq.linears(toy.model.model.language_model.layers[0])
+    W0 = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+    g = torch.Generator().manual_seed(0)
+    for n, lin in lins.items():
+        lin.weight.data = W0[n] + scale * W0[n].std() * torch.randn(W0[n].shape, generator=g)
+
+    def restore():
+        for n, lin in lins.items():
+            lin.weight.data = W0[n]
+    return restore
+
+
+def test_gradient_drift_sign_and_scale_against_finite_difference(toy):
+    """Away from FP, G = d mean KL(p_FP || p) / dW: a central difference of mean_kl along G itself equals |G|
+    (same sign, same normalisation, within 5 %), and the KL block_statistics reports is mean_kl, positive."""
+    model = toy.model.requires_grad_(False)
+    batches = calib(toy, n=8)
+    teacher, _ = mgvq.teacher_pass(model, batches, 64)
+    restore = perturbed_block0(toy)
+    try:
+        layer = model.model.language_model.layers[1]
+        cfg = mgvq.resolve(mgvq.Config(method="mgvq", token_weights="none"))
+        _, _, G, _ = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, torch.Generator().manual_seed(0))
+        kl = mgvq.mean_kl(model, batches, teacher)
+        assert kl > 1e-4 and math.isclose(G["kl"], kl, rel_tol=1e-4)
+        lins = mgvq.linears(layer)
+        for name in ("mlp.down_proj", "self_attn.v_proj"):
+            lin, Gn = lins[name], G[name]
+            W = lin.weight.detach().clone()
+            step = 1e-3 * W.norm() * Gn / Gn.norm()
+            lin.weight.data = W + step
+            up = mgvq.mean_kl(model, batches, teacher)
+            lin.weight.data = W - step
+            down = mgvq.mean_kl(model, batches, teacher)
+            lin.weight.data = W
+            slope = (up - down) / (2 * float(step.norm()))                    # d KL along G / |G|, measured
+            assert 0.95 < slope / float(Gn.norm()) < 1.05, (name, slope, float(Gn.norm()))
+    finally:
+        restore()
+
+
+def test_kronecker_factors_known_answer(toy):
+    """Recomputed from the linear's own inputs x and output gradients g, and the block's output gradients, with
+    the same sampled labels: the modality weights are each modality's mean |g_block|^2 over its valid tokens,
+    H_I = (w_txt sum_txt x x^T + w_img sum_img x x^T) / (w_txt n_txt + w_img n_img) (a weighted mean), and
+    H_O = sum over tokens of g g^T / N, N the loss positions (the normalisation of G)."""
+    model = toy.model.requires_grad_(False)
+    batches = calib(toy, n=8)
+    teacher, _ = mgvq.teacher_pass(model, batches, 64)
+    layer = model.model.language_model.layers[1]
+    cfg = mgvq.resolve(mgvq.Config(method="mgvq", token_weights="modality"))
+    H_I, H_O, _, mw = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, torch.Generator().manual_seed(0))
+    for name in ("mlp.down_proj", "self_attn.o_proj"):
+        lin = layer.get_submodule(name)
+        gen, xs, gs, outs = torch.Generator().manual_seed(0), [], [], []
+
+        def grab(mod, args, out, into):
+            into[0].append(args[0].detach())
+            out.register_hook(lambda g: into[1].append(g.detach()))
+        lin.weight.requires_grad_(True)
+        try:
+            hooks = [lin.register_forward_hook(lambda m, a, o: grab(m, a, o, (xs, gs))),
+                     layer.register_forward_hook(lambda m, a, o: grab(m, a, o, ([], outs)))]
+            with torch.enable_grad(), mgvq.hooked(hooks):
+                for batch in batches:
+                    mgvq.sampled_nll(mgvq.answer_logits(model, batch), gen).backward()
+        finally:
+            lin.weight.requires_grad_(False)
+            lin.weight.grad = None
+        valid = torch.cat([(b["attention_mask"] > 0).reshape(-1) for b in batches])
+        img = torch.cat([(b["mm_token_type_ids"] == 1).reshape(-1) for b in batches])
+        energy = torch.cat([o.pow(2).sum(-1).reshape(-1) for o in outs])                 # |g_block|^2 per token
+        w = torch.stack([energy[valid & ~img].mean(), energy[valid & img].mean()])      # [text, image]
+        assert torch.allclose(mw.float(), w, rtol=1e-4)
+        x = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])                        # (B T, n)
+        S = [x[valid & mask].T @ x[valid & mask] for mask in (~img, img)]
+        want_I = (w[0] * S[0] + w[1] * S[1]) / (w[0] * (valid & ~img).sum() + w[1] * (valid & img).sum())
+        g = torch.cat([g.reshape(-1, g.shape[-1]) for g in gs])                            # (B T, m)
+        n_pos = sum(int(mgvq.loss_mask(b).sum()) for b in batches)
+        for got, want in ((H_I[name], want_I), (H_O[name], g.T @ g / n_pos)):
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()         # fp32 sums in another order
+
+
 def test_damping_ladder_recovers_and_says_so():
     H = torch.zeros(6, 6)
     H[:3, :3] = torch.ones(3, 3)                      # rank one, and three dead inputs
