@@ -1237,8 +1237,8 @@ def test_end_to_end_quality_on_the_toy(quantized):
     agreement 1.0 both times; the band [0.0008, 0.003] fails a break that doubles it. (Other calibration seeds
     give 0.00025 to 0.010 on these 40 questions: the band is this run's, not the method's.) Every layer's
     proxy error ends below plain rounding to its own codebooks; the Newton step is taken (> 0) in every block
-    after the first, where G != 0, and not in block 0, where G = 0; each stored layer holds exactly the Q
-    its quantizer computed."""
+    after the first, where G != 0, and not in block 0, where G = 0, and the target W~ moves exactly where it
+    is taken; each stored layer holds exactly the Q its quantizer computed."""
     vlm, r, out, computed = quantized
     assert 0.0008 <= r["kl"] <= 0.003, r["kl"]
     assert r["agreement"] >= 0.95
@@ -1246,6 +1246,7 @@ def test_end_to_end_quality_on_the_toy(quantized):
         assert row["err"] < row["err_rtn"], row["name"]
         first = row["name"].startswith("model.language_model.layers.0.")
         assert (row["newton_step"] == 0) if first else (row["newton_step"] > 0), row["name"]
+        assert (row["shift"] > 0) == (row["newton_step"] > 0), row["name"]          # a step taken moves W~
     assert len(computed) == len(r["layers"])
     for row, Q in zip(r["layers"], computed):
         assert torch.equal(vlm.model.get_submodule(row["name"]).dequantize(), Q.to(vlm.model.dtype)), row["name"]
