@@ -549,12 +549,19 @@ def kmeans(X, D, s, K: int, iters: int, gen: torch.Generator):
 
 def minmax_grid(X: torch.Tensor, K: int):
     """The scalar baselines' codebook: GPTQ's asymmetric uniform grid scale * (q - z), q = 0..K-1, with 0
-    on the grid, one per tile (one row x one group). X (R, t, P, 1) -> int8 codebook (R, K, 1), scale (R,)."""
+    on the grid, one per tile (one row x one group). X (R, t, P, 1) -> int8 codebook (R, K, 1), scale (R,).
+    The entries q - z are stored as int8: up to K = 128 every z in 0..K-1 fits, but K = 256 (8 bits) fits only
+    as -128..127 (z = 128), so that grid is symmetric and a one-sided row uses half of it (127 steps)."""
+    assert 2 <= K <= 256, f"an int8 scalar grid holds 2 to 256 values, not {K}"
     lo = X.amin(dim=(1, 2, 3)).clamp_max(0)
     hi = X.amax(dim=(1, 2, 3)).clamp_min(0)
-    scale = ((hi - lo) / (K - 1)).clamp_min(1e-8).half().float()
-    z = torch.round(-lo / scale)
-    Cq = (torch.arange(K, device=X.device)[None] - z[:, None]).to(torch.int8)    # (R, K) entries q - z
+    if K <= 128:
+        scale = ((hi - lo) / (K - 1)).clamp_min(1e-8).half().float()
+        z = torch.round(-lo / scale)
+    else:
+        scale = torch.maximum(hi / 127, -lo / 128).clamp_min(1e-8).half().float()
+        z = torch.full_like(scale, 128.0)
+    Cq = (torch.arange(K, device=X.device)[None] - z[:, None]).to(torch.int8)    # (R, K) entries q - z, no wrap
     return Cq[:, :, None], scale
 
 
