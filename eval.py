@@ -9,6 +9,7 @@ Scorer: multiple choice by summed answer log-likelihood (plus exact match of gre
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -405,6 +406,7 @@ def text_split(name: str) -> str:
     return "eval" if bucket < 2 else "calib" if bucket == 2 else "train"
 
 
+@functools.cache                       # parsing the standard library takes ~2 s
 def text_corpus(split: str) -> str:
     docs = stdlib_documents()
     return "\n\n".join(docs[k] for k in sorted(docs) if text_split(k) == split)

@@ -1385,15 +1385,16 @@ def test_end_to_end_report_and_honest_bits(quantized):
 
 
 def test_end_to_end_quality_on_the_toy(quantized):
-    """What the run must show. Its KL(FP || Q) over the 40 eval questions' choices, measured on this toy with
-    seed 0: 0.00165 with 2 threads, 0.00226 with 1 (float sums in another order move the codes a little), with
+    """What the run must show. Its KL(FP || Q) over the 40 eval questions' choices (kl_choices), measured on this
+    toy with seed 0: 0.00165 with 2 threads, 0.00226 with 1 (float sums in another order move the codes a little), with
     agreement 1.0 both times; the band [0.0008, 0.003] fails a break that doubles it. (Other calibration seeds
     give 0.00025 to 0.010 on these 40 questions: the band is this run's, not the method's.) Every layer's
     proxy error ends below plain rounding to its own codebooks; the Newton step is taken (> 0) in every block
     after the first, where G != 0, and not in block 0, where G = 0, and the target W~ moves exactly where it
     is taken; each stored layer holds exactly the Q its quantizer computed."""
     vlm, r, out, computed = quantized
-    assert 0.0008 <= r["kl"] <= 0.003, r["kl"]
+    assert 0.0008 <= r["kl_choices"] <= 0.003, r["kl_choices"]
+    assert 0.0004 <= r["kl"] <= 0.0017, r["kl"]     # full vocabulary at the answer positions: 0.00086 measured, 2 threads
     assert r["agreement"] >= 0.95
     for row in r["layers"]:
         assert row["err"] < row["err_rtn"], row["name"]
