@@ -371,6 +371,7 @@ def testbed_task(split: str, n: int, seed: int = 0) -> list[Sample]:
     return [tb_sample(rng) for _ in range(n)]
 
 
+@functools.cache
 def stdlib_documents() -> dict[str, str]:
     """English that ships with Python: every docstring of the standard library's modules (read with ast, not
     imported; tests, demos and IDLE left out), one document per module, and each pydoc help topic. The text,
