@@ -354,21 +354,22 @@ def tb_caption(objs: list[Obj]) -> str:
 TRAIN_KIND_WEIGHTS = dict(count=1.5, count_attr=1.5, color=1, shape=1, size=1, exists=1, where=2, relation=2)
 
 
-def tb_sample(rng: random.Random, caption: bool = False, weights: dict | None = None) -> Sample:
+def tb_sample(rng: random.Random, caption: bool = False, weights: dict | None = None) -> tuple[Sample, list[Obj]]:
+    """A scene and a question about it (or its caption), and the scene's objects."""
     objs = tb_scene(rng)
     image = tb_draw(objs, rng)
     if caption:
         text = tb_caption(objs)
-        return Sample(image, "Describe the image.", text, "describe", [text])
+        return Sample(image, "Describe the image.", text, "describe", [text]), objs
     question, answer, kind, choices = tb_ask(rng, objs, weights)
-    return Sample(image, question, answer, kind, choices)
+    return Sample(image, question, answer, kind, choices), objs
 
 
 def testbed_task(split: str, n: int, seed: int = 0) -> list[Sample]:
     """n scene questions of a split (train / calib / eval: separate random streams)."""
     assert split in ("train", "calib", "eval"), f"unknown split {split!r}"
     rng = random.Random(f"mgvq-testbed:{split}:{seed}")
-    return [tb_sample(rng) for _ in range(n)]
+    return [tb_sample(rng)[0] for _ in range(n)]
 
 
 @functools.cache
@@ -508,17 +509,9 @@ def train_testbed(out: Path = TESTBED_DIR, steps: int = 1800, qa_batch: int = 24
     start, running = time.time(), None
     for step in range(steps):
         model.train()
-        rows, cells = [], []
-        for i in range(qa_batch):
-            objs = tb_scene(rng)
-            image = tb_draw(objs, rng)
-            if i % 3 == 2:
-                rows.append(Sample(image, "Describe the image.", tb_caption(objs), "describe", []))
-            else:
-                question, answer, kind, choices = tb_ask(rng, objs, TRAIN_KIND_WEIGHTS)
-                rows.append(Sample(image, question, answer, kind, choices))
-            cells.append(cell_targets(objs))
-        scene = vlm.batch(rows)
+        rows, scenes = zip(*[tb_sample(rng, i % 3 == 2, TRAIN_KIND_WEIGHTS) for i in range(qa_batch)])
+        cells = [cell_targets(objs) for objs in scenes]
+        scene = vlm.batch(list(rows))
         labels = scene.pop("labels")
         losses = [row_mean_loss(model(**scene).logits, labels)]
         losses.append(F.cross_entropy(aux(merged["y"]), torch.cat(cells).to(device)))   # (B*16, 65)
