@@ -8,6 +8,7 @@ Scorer: multiple choice by summed answer log-likelihood (plus exact match of gre
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -298,9 +299,11 @@ def unique(objs: list[Obj], *keys: str) -> list[Obj]:
     return [o for o in objs if sum(sig(t) == sig(o) for t in objs) == 1]
 
 
-def tb_ask(rng: random.Random, objs: list[Obj], weights: dict | None = None) -> tuple[str, str, str, list[str]]:
-    """(question, answer, kind, choices); every answer needs the image, and binds attributes to one object.
-    The kind is drawn uniformly among those the scene can ask, or by `weights` (training only)."""
+def tb_ask(rng: random.Random, objs: list[Obj], weights: dict | None = None) \
+        -> tuple[str, str, str, list[str], list[Obj]]:
+    """(question, answer, kind, choices, referents: the objects the question is about); every answer needs the
+    image, and binds attributes to one object. The kind is drawn uniformly among those the scene can ask, or
+    by `weights` (training only)."""
     by = {keys: unique(objs, *keys) for keys in (("size", "shape"), ("size", "color"), ("color", "shape"))}
     pairs = [(a, b) for a in by["color", "shape"] for b in by["color", "shape"] if a.col != b.col]
     ok = {"count": True, "count_attr": True, "color": bool(by["size", "shape"]), "shape": bool(by["size", "color"]),
@@ -309,31 +312,33 @@ def tb_ask(rng: random.Random, objs: list[Obj], weights: dict | None = None) -> 
     kinds = [k for k in TB_KINDS if ok[k]]
     kind = rng.choices(kinds, [weights[k] for k in kinds])[0] if weights else rng.choice(kinds)
     if kind == "count":
-        return "How many shapes are there?", str(len(objs)), kind, list(DIGITS[1:])
+        return "How many shapes are there?", str(len(objs)), kind, list(DIGITS[1:]), objs
     if kind == "count_attr":
         some = rng.choice(objs) if rng.random() < 0.75 else None     # mostly an attribute the scene has
         if rng.random() < 0.5:
             color = some.color if some else rng.choice(list(TB_COLORS))
-            return f"How many {color} shapes are there?", str(sum(o.color == color for o in objs)), kind, list(DIGITS)
+            match = [o for o in objs if o.color == color]
+            return f"How many {color} shapes are there?", str(len(match)), kind, list(DIGITS), match
         shape = some.shape if some else rng.choice(TB_SHAPES)
-        return f"How many {shape}s are there?", str(sum(o.shape == shape for o in objs)), kind, list(DIGITS)
+        match = [o for o in objs if o.shape == shape]
+        return f"How many {shape}s are there?", str(len(match)), kind, list(DIGITS), match
     if kind == "color":
         o = rng.choice(by["size", "shape"])
-        return f"What color is the {o.size} {o.shape}?", o.color, kind, list(TB_COLORS)
+        return f"What color is the {o.size} {o.shape}?", o.color, kind, list(TB_COLORS), [o]
     if kind == "shape":
         o = rng.choice(by["size", "color"])
-        return f"What shape is the {o.size} {o.color} one?", o.shape, kind, list(TB_SHAPES)
+        return f"What shape is the {o.size} {o.color} one?", o.shape, kind, list(TB_SHAPES), [o]
     if kind == "size":
         o = rng.choice(by["color", "shape"])
-        return f"Is the {o.color} {o.shape} small or large?", o.size, kind, list(TB_SIZES)
+        return f"Is the {o.color} {o.shape} small or large?", o.size, kind, list(TB_SIZES), [o]
     if kind == "where":
         o = rng.choice(by["color", "shape"])
         answer = QUADRANTS[2 * (o.row >= TB_GRID // 2) + (o.col >= TB_GRID // 2)]
-        return f"Where is the {o.color} {o.shape}?", answer, kind, list(QUADRANTS)
+        return f"Where is the {o.color} {o.shape}?", answer, kind, list(QUADRANTS), [o]
     if kind == "relation":
         a, b = rng.choice(pairs)
         return f"Is the {a.color} {a.shape} left of the {b.color} {b.shape}?", "yes" if a.col < b.col else "no", \
-            kind, ["yes", "no"]
+            kind, ["yes", "no"], [a, b]
     present = {(o.color, o.shape) for o in objs}            # kind == "exists"
     # half the negatives bind wrongly: the colour and the shape are both in the scene, but not together
     swapped = [(o.color, t.shape) for o in objs for t in objs if (o.color, t.shape) not in present]
@@ -342,7 +347,8 @@ def tb_ask(rng: random.Random, objs: list[Obj], weights: dict | None = None) -> 
         (color, shape), answer = rng.choice(sorted(present)), "yes"
     else:
         (color, shape), answer = rng.choice(sorted(swapped) if swapped and rng.random() < 0.5 else absent), "no"
-    return f"Is there a {color} {shape}?", answer, kind, ["yes", "no"]
+    match = [o for o in objs if (o.color, o.shape) == (color, shape)]
+    return f"Is there a {color} {shape}?", answer, kind, ["yes", "no"], match
 
 
 def tb_caption(objs: list[Obj]) -> str:
@@ -351,18 +357,19 @@ def tb_caption(objs: list[Obj]) -> str:
 
 
 # Training asks the kinds that need positions (M-RoPE's row and column) and counting more often.
-TRAIN_KIND_WEIGHTS = dict(count=1.5, count_attr=1.5, color=1, shape=1, size=1, exists=1, where=2, relation=2)
+TRAIN_KIND_WEIGHTS = dict(count=1.5, count_attr=1.5, color=1.5, shape=1.5, size=1, exists=1.5, where=2, relation=2)
 
 
-def tb_sample(rng: random.Random, caption: bool = False, weights: dict | None = None) -> tuple[Sample, list[Obj]]:
-    """A scene and a question about it (or its caption), and the scene's objects."""
+def tb_sample(rng: random.Random, caption: bool = False, weights: dict | None = None) \
+        -> tuple[Sample, list[Obj], list[Obj]]:
+    """A scene and a question about it (or its caption), the scene's objects, and those the question is about."""
     objs = tb_scene(rng)
     image = tb_draw(objs, rng)
     if caption:
         text = tb_caption(objs)
-        return Sample(image, "Describe the image.", text, "describe", [text]), objs
-    question, answer, kind, choices = tb_ask(rng, objs, weights)
-    return Sample(image, question, answer, kind, choices), objs
+        return Sample(image, "Describe the image.", text, "describe", [text]), objs, objs
+    question, answer, kind, choices, referents = tb_ask(rng, objs, weights)
+    return Sample(image, question, answer, kind, choices), objs, referents
 
 
 def testbed_task(split: str, n: int, seed: int = 0) -> list[Sample]:
@@ -458,6 +465,7 @@ def testbed_config(tokenizer):
     vision tower: 11.5 M parameters, 23 MB in bf16."""
     config = toy_config(tokenizer, layers=4, tie=True)
     config.mgvq_python = sys.version.split()[0]
+    config.mgvq_testbed = True          # eval.py and mgvq.py score any folder that says so on the testbed's task
     return config
 
 
@@ -470,6 +478,13 @@ def text_samples(tokenizer, split: str, n: int, length: int = 128) -> list[Sampl
 
 
 
+def referent_cells(objs: list[Obj]) -> torch.Tensor:
+    """(16,) 1.0 at the grid cells of the objects, in the image tokens' order (raster)."""
+    target = torch.zeros(TB_GRID ** 2)
+    target[[o.row * TB_GRID + o.col for o in objs]] = 1.0
+    return target
+
+
 def cell_targets(objs: list[Obj]) -> torch.Tensor:
     """(16,) the class of each grid cell, in the image tokens' order (raster): 0 empty, else 1 + the index of
     (colour, shape, size) among the 64 combinations."""
@@ -480,13 +495,43 @@ def cell_targets(objs: list[Obj]) -> torch.Tensor:
     return target
 
 
-def train_testbed(out: Path = TESTBED_DIR, steps: int = 1800, qa_batch: int = 24, text_batch: int = 6,
-                  lr: float = 1.5e-3, seed: int = 0, device: str = "cpu", threads: int = 1, log=print) -> dict:
-    """Train the testbed from scratch and save it (bf16, hub layout). Each step: qa_batch scene rows (a third of
-    them captions) and text_batch windows of 128 tokens of the training text; the loss is the scene rows' mean
-    answer loss + the text's mean token loss + an auxiliary loss that asks each image token (the vision merger's
-    output) for its cell's object, which gets the vision tower going from the first steps (the auxiliary head
-    is not part of the saved model). Everything is seeded: the same command gives the same weights."""
+def answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """row_mean_loss of the logits of the decoder's output `hidden` (B, T, H), with the LM head applied at the
+    labelled positions only."""
+    target, mask = labels[:, 1:], labels[:, 1:] != -100
+    nll = F.cross_entropy(model.lm_head(hidden[:, :-1][mask]).float(), target[mask], reduction="none")
+    per_row = torch.zeros(target.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, nll)
+    return (per_row.sum(1) / mask.sum(1)).mean()
+
+
+@contextlib.contextmanager
+def fast_training(model):
+    """Training-only speed-ups on CPU that leave the saved model as it is: eager attention (its small matmuls
+    run in bf16; the fused kernel's backward does not), and the vision patch embedding, a Conv3d whose kernel
+    equals its stride, computed as the Linear it is (the Conv3d backward is slow on CPU)."""
+    embed = model.model.visual.patch_embed
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    embed.forward = lambda x: F.linear(x.reshape(-1, embed.proj.weight[0].numel()).to(embed.proj.weight.dtype),
+                                       embed.proj.weight.flatten(1))
+    try:
+        yield
+    finally:
+        del embed.forward
+        model.set_attn_implementation(implementation)
+
+
+def train_testbed(out: Path = TESTBED_DIR, steps: int = 3400, qa_batch: int = 24, text_batch: int = 6,
+                  lr: float = 1.5e-3, seed: int = 0, device: str = "cpu", threads: int = 2, eval_every: int = 500,
+                  log=print) -> dict:
+    """Train the testbed from scratch and save it (bf16, hub layout). Each step: qa_batch scene rows (one in six
+    of them captions) and text_batch windows of 128 tokens of the training text; the loss is the scene rows' mean
+    answer loss + the text's mean token loss + two auxiliary losses, whose heads are not part of the saved
+    model: one asks each image token at the vision merger's output for its cell's object (it gets the vision
+    tower going from the first steps), one asks each image token halfway up the decoder whether its cell holds
+    an object the question is about (the question comes before the image, so the image tokens can see it):
+    the look-up that every kind needs, supervised directly, early enough for the later layers to read it. Mixed precision (bf16 autocast, fp32 weights). Everything is seeded: the
+    same command on the same kind of machine gives the same weights."""
     from transformers import Qwen2VLForConditionalGeneration
     torch.set_num_threads(threads)            # CPU sums depend on the thread count: the recipe fixes it
     torch.manual_seed(seed)
@@ -494,45 +539,54 @@ def train_testbed(out: Path = TESTBED_DIR, steps: int = 1800, qa_batch: int = 24
     model = Qwen2VLForConditionalGeneration(testbed_config(tokenizer)).to(device)
     vlm = VLM(model, "testbed", tokenizer, build_toy_image_processor(TB_IMAGE), torch.device(device), torch.float32)
     aux = torch.nn.Linear(model.config.text_config.hidden_size, 1 + len(TB_COLORS) * len(TB_SHAPES) * len(TB_SIZES)).to(device)
+    referent = torch.nn.Linear(model.config.text_config.hidden_size, 1).to(device)
     merged = {}
     hook = model.model.visual.merger.register_forward_hook(lambda mod, args, y: merged.update(y=y))
     stream = torch.tensor(tokenizer(text_corpus("train"), add_special_tokens=False)["input_ids"])
-    params = list(model.parameters()) + list(aux.parameters())
+    params = list(model.parameters()) + list(aux.parameters()) + list(referent.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     warmup = max(steps // 30, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(   # linear warmup, then cosine down to 5 %
         opt, lambda t: min(1.0, (t + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / steps))))
     rng, gen = random.Random(f"mgvq-testbed:train:{seed}"), torch.Generator().manual_seed(seed)
-    calib = testbed_task("calib", 96, seed)
+    calib = testbed_task("calib", 192, seed)
     log(f"training the testbed: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-        f"{len(stream)} training text tokens, {steps} steps")
+        f"{len(stream)} training text tokens, {steps} steps, {threads} threads")
     start, running = time.time(), None
-    for step in range(steps):
-        model.train()
-        rows, scenes = zip(*[tb_sample(rng, i % 3 == 2, TRAIN_KIND_WEIGHTS) for i in range(qa_batch)])
-        cells = [cell_targets(objs) for objs in scenes]
-        scene = vlm.batch(list(rows))
-        labels = scene.pop("labels")
-        losses = [row_mean_loss(model(**scene).logits, labels)]
-        losses.append(F.cross_entropy(aux(merged["y"]), torch.cat(cells).to(device)))   # (B*16, 65)
-        starts = torch.randint(0, len(stream) - 129, (text_batch,), generator=gen)
-        text = torch.stack([stream[s:s + 129] for s in starts.tolist()]).to(device)   # (B, 129)
-        logits = model(input_ids=text[:, :-1]).logits                                  # (B, 128, V)
-        losses.append(F.cross_entropy(logits.flatten(0, 1), text[:, 1:].flatten()))
-        opt.zero_grad(set_to_none=True)
-        sum(losses).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        now = torch.tensor([l.item() for l in losses])
-        running = now if running is None else 0.98 * running + 0.02 * now
-        if step % 50 == 0 or step == steps - 1:
-            line = (f"step {step:5d}/{steps}  loss: scene {running[0]:.3f}  cells {running[1]:.3f}  text {running[2]:.3f}"
-                    f"  {time.time() - start:6.0f} s")
-            if step % 300 == 0 or step == steps - 1:
-                model.eval()
-                line += f"  calib accuracy {qa_check(vlm, calib, batch_size=64)['accuracy']:.3f}"
-            log(line)
+    with fast_training(model), tqdm(total=steps, desc="train testbed", mininterval=5) as bar:
+        for step in range(steps):
+            model.train()
+            rows, scenes, about = zip(*[tb_sample(rng, i % 6 == 5, TRAIN_KIND_WEIGHTS) for i in range(qa_batch)])
+            cells = torch.cat([cell_targets(objs) for objs in scenes]).to(device)       # (B*16,)
+            asked = torch.cat([referent_cells(objs) for objs in about]).to(device)     # (B*16,)
+            scene = vlm.batch(list(rows))
+            labels = scene.pop("labels")
+            starts = torch.randint(0, len(stream) - 129, (text_batch,), generator=gen)
+            text = torch.stack([stream[s:s + 129] for s in starts.tolist()]).to(device)   # (B, 129)
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+                states = model.model(**scene, output_hidden_states=True)
+                losses = [answer_loss(model, states.last_hidden_state, labels)]               # (B, T, H)
+                losses.append(F.cross_entropy(aux(merged["y"]).float(), cells))            # (B*16, 65)
+                middle = states.hidden_states[len(states.hidden_states) // 2]                    # what the later layers read
+                image = middle[scene["input_ids"] == model.config.image_token_id]          # (B*16, H), raster
+                losses.append(F.binary_cross_entropy_with_logits(referent(image).float().squeeze(1), asked))
+                logits = model(input_ids=text[:, :-1]).logits.float()                      # (B, 128, V)
+                losses.append(F.cross_entropy(logits.flatten(0, 1), text[:, 1:].flatten()))
+            opt.zero_grad(set_to_none=True)
+            sum(losses).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            bar.update()
+            now = torch.tensor([l.item() for l in losses])
+            running = now if running is None else 0.98 * running + 0.02 * now
+            if step % 100 == 0 or step == steps - 1:
+                line = (f"step {step:5d}/{steps}  loss: scene {running[0]:.3f}  cells {running[1]:.3f}  "
+                        f"referents {running[2]:.3f}  text {running[3]:.3f}  {time.time() - start:6.0f} s")
+                if step % eval_every == 0 or step == steps - 1:
+                    model.eval()
+                    line += f"  calib accuracy {qa_check(vlm, calib, batch_size=64)['accuracy']:.3f}"
+                bar.write(line)
     hook.remove()
     save_toy(vlm, out)
     return {"seconds": round(time.time() - start, 1)}
@@ -813,7 +867,9 @@ class HeldOut:
 
 
 def is_testbed(name: str) -> bool:
-    return name == "testbed" or Path(name).expanduser().resolve() == TESTBED_DIR.resolve()
+    """`testbed`, or a folder whose config says it is the testbed or made from it (a copy, a quantized one)."""
+    config = Path(name).expanduser() / "config.json"
+    return name == "testbed" or config.is_file() and json.loads(config.read_text()).get("mgvq_testbed", False)
 
 
 def heldout_set(name: str, tokenizer, n_questions: int, n_texts: int = 96) -> HeldOut:
@@ -984,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-toy", action="store_true", help="train toy/ from scratch (the earlier recipe)")
     p.add_argument("--train-testbed", action="store_true", help="train testbed/ from scratch (≈ 45 min on 2 CPU cores)")
     p.add_argument("--out", help="where --train-testbed writes (default: testbed/)")
-    p.add_argument("--steps", type=int, help="training steps (toy 2000, testbed 1800)")
+    p.add_argument("--steps", type=int, help="training steps (toy 2000, testbed 3400)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     args = p.parse_args(argv)
     from transformers.utils import logging
@@ -997,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trained in {info['seconds']} s")
         if args.train_testbed:
             out = Path(args.out or TESTBED_DIR)
-            info = train_testbed(out, args.steps or 1800, seed=args.seed, device=device)
+            info = train_testbed(out, args.steps or 3400, seed=args.seed, device=device)
             print(f"trained in {info['seconds']} s")
             args.model = str(out) if args.out else "testbed"
         vlm = load_model(args.model, args.device, args.dtype)
