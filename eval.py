@@ -136,37 +136,143 @@ class DataError(ValueError):
     """A user's data file cannot be read; the message is one sentence."""
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a UTF-8 text file") from None
+
+
+def read_records(path: Path, text: str | None = None) -> list[tuple[str, object]]:
+    """The records of a JSON array or of JSON lines, each with where it sits in the file ("record i" or
+    "line i", from 1), so that an error can name it. LLaVA's and ShareGPT4V's files are arrays, ours are lines."""
+    text = read_text(path) if text is None else text
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not a valid JSON array ({e.msg} at line {e.lineno})") from None
+        return [(f"record {i}", row) for i, row in enumerate(rows, start=1)]
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {i}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {i} is not valid JSON ({e.msg})") from None
+    return records
+
+
+def open_image(path: Path, where: str) -> Image.Image:
+    """The image at path as RGB, or one sentence naming the record that points to it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError:
+        raise DataError(f"{where}: the image {path} is missing or unreadable") from None
+
+
 def load_jsonl(path) -> list[Sample]:
-    """Samples from lines {"image", "question", "choices", "answer"[, "kind"]}."""
+    """Samples from records {"image", "question", "choices", "answer"[, "kind"]}, as JSON lines or a JSON array."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"the jsonl file {path} does not exist")
     samples = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {i} is not valid JSON ({e.msg})") from None
+    for where, row in read_records(path):
+        where = f"{path} {where}"
         if not isinstance(row, dict) or not {"image", "question", "choices", "answer"} <= row.keys():
-            raise DataError(f"{path} line {i} needs the keys image, question, choices and answer")
+            raise DataError(f"{where} needs the keys image, question, choices and answer")
         choices = row["choices"]
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-            raise DataError(f"{path} line {i}: choices must be a non-empty list of strings")
+            raise DataError(f"{where}: choices must be a non-empty list of strings")
         if row["answer"] not in choices:
-            raise DataError(f"{path} line {i}: the answer {row['answer']!r} is not one of the choices")
-        image_path = path.parent / row["image"]   # an absolute image path stays absolute
-        try:
-            with Image.open(image_path) as im:
-                image = im.convert("RGB")
-        except OSError:
-            raise DataError(f"{path} line {i}: the image {image_path} is missing or unreadable") from None
-        samples.append(Sample(image, str(row["question"]), row["answer"], str(row.get("kind", "jsonl")),
-                              choices))
+            raise DataError(f"{where}: the answer {row['answer']!r} is not one of the choices")
+        image = open_image(path.parent / row["image"], where)   # an absolute image path stays absolute
+        samples.append(Sample(image, str(row["question"]), row["answer"], str(row.get("kind", "jsonl")), choices))
     if not samples:
         raise DataError(f"the jsonl file {path} holds no samples")
     return samples
+
+
+# --- calibration files: LLaVA / ShareGPT4V conversations (JSON array or JSON lines), COCO captions
+
+COCO_PROMPT = "Describe the image."   # the question put to every COCO image; its caption is the answer
+
+
+def first_exchange(turns, where: str) -> tuple[str, str]:
+    """The first human turn and the gpt turn that answers it. Later turns are left out: a sample is one
+    question and one answer, and the first exchange is the one that carries the image."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise DataError(f"{where} has no conversations list of {{\"from\", \"value\"}} turns")
+    for turn, reply in zip(turns, turns[1:]):
+        if turn.get("from") == "human" and reply.get("from") == "gpt":
+            return turn["value"], reply["value"]
+    raise DataError(f"{where} has no human turn followed by a gpt turn")
+
+
+def llava_sample(rec, where: str, image_folder: Path) -> Sample:
+    """A LLaVA / ShareGPT4V record as a calibration sample: the first exchange's question, with every <image>
+    tag taken out wherever it sits, and its answer. A record without "image" (LLaVA's text-only ShareGPT
+    conversations) is a text-only chat sample: no image, the same question and answer, the same template."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where} is not a JSON object")
+    if "id" in rec:
+        where = f"{where} (id {rec['id']})"
+    question, answer = first_exchange(rec.get("conversations"), where)
+    question = " ".join(question.replace("<image>", " ").split())
+    image = rec.get("image")
+    if isinstance(image, list) and len(image) == 1:
+        image = image[0]
+    if image is not None and not isinstance(image, str):
+        raise DataError(f"{where}: its image must be one path (a string), not {str(image)[:60]}")
+    image = None if image is None else open_image(image_folder / image, where)   # an absolute path stays absolute
+    return Sample(image, question, answer.strip(), "calib", [answer.strip()])
+
+
+def coco_samples(data: dict, path: Path, image_folder: Path, n: int, rng: random.Random) -> list[Sample]:
+    """n COCO images drawn by rng, each with the first of its captions as the answer to COCO_PROMPT."""
+    names = {im.get("id"): im.get("file_name") for im in data.get("images") or [] if isinstance(im, dict)}
+    captions = {}
+    for i, ann in enumerate(data.get("annotations") or [], start=1):
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or \
+                not isinstance(ann.get("image_id"), (int, str)):
+            raise DataError(f"{path} annotation {i} is not a caption with an image_id")
+        if names.get(ann["image_id"]) is None:
+            raise DataError(f"{path} annotation {i}: image id {ann['image_id']} is not among its images")
+        captions.setdefault(ann["image_id"], ann["caption"].strip())
+    if not captions:
+        raise DataError(f"the COCO file {path} holds no captions (its annotations list is missing or empty)")
+    ids = rng.sample(sorted(captions), min(n, len(captions)))
+    return [Sample(open_image(image_folder / names[i], f"{path} image id {i}"), COCO_PROMPT, captions[i], "calib",
+                   [captions[i]]) for i in ids]
+
+
+def load_calibration(path, n: int, seed: int = 0, image_folder=None) -> list[Sample]:
+    """n calibration samples from a user's file, drawn by a seeded shuffle (not the first n: such files are
+    concatenated by source): a COCO captions file ({"images", "annotations"}), or LLaVA / ShareGPT4V records
+    ({"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}) as a
+    JSON array or JSON lines. Relative image paths start at image_folder (LLaVA's --image-folder; default: the
+    file's folder). Only the records drawn are checked; the first bad one stops the run with one sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"the calibration file {path} does not exist")
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    if not folder.is_dir():
+        raise DataError(f"the image folder {folder} does not exist")
+    rng, text = random.Random(f"mgvq-calib:{seed}"), read_text(path)
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None                                         # JSON lines: read_records says what is wrong
+        if isinstance(data, dict) and ({"images", "annotations"} & data.keys()):
+            return coco_samples(data, path, folder, n, rng)
+    records = read_records(path, text)
+    if not records:
+        raise DataError(f"the calibration file {path} holds no records")
+    picked = rng.sample(range(len(records)), min(n, len(records)))
+    return [llava_sample(records[i][1], f"{path} {records[i][0]}", folder) for i in picked]
 
 
 # --- the toy model: tokenizer, image processor, config
@@ -725,6 +831,12 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> VLM:
     tokenizer.padding_side = "left"
     image_processor = AutoImageProcessor.from_pretrained(folder)
     return VLM(model.to(device).eval(), name, tokenizer, image_processor, device, torch_dtype)
+
+
+# --- saving a quantized model (mgvq.py): one folder that load_model and transformers' Auto classes both load
+
+def is_toy(name: str) -> bool:
+    return name == "toy" or Path(name).expanduser().resolve() == TOY_DIR.resolve()
 
 
 # --- scoring

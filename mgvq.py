@@ -50,7 +50,9 @@ class Config:
     line_search: int = 3               # backtracking tries of the Newton step on the calibration KL
     token_weights: str | None = None   # none | modality | qig
     feedback: str | None = None        # ldl (exact block metric) | diag (GPTVQ's per-coordinate metric) | none
-    calib: str = "synthetic"           # built-in set (the testbed's: its calib split, scenes + text), or a LLaVA-style JSONL
+    calib: str = "synthetic"           # built-in set (the testbed's: its calib split, scenes + text), or a file:
+                                       # LLaVA / ShareGPT4V JSON array or JSON lines, or COCO captions JSON
+    image_folder: str | None = None    # where the calibration file's relative image paths start (default: its folder)
     nsamples: int | None = None        # calibration samples (64 for the toy and the testbed, 128 for real models)
     batch_size: int = 4                # calibration samples per forward (backward activations scale with it)
     seed: int = 0
@@ -107,6 +109,11 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
+def is_real(cfg: Config) -> bool:
+    """A published or user's model with its own weights: not the toy, the testbed or a --random-init dry run."""
+    return not (qa.is_toy(cfg.model) or qa.is_testbed(cfg.model) or cfg.random_init)
+
+
 def bit_choices(cfg: Config) -> list[int]:
     """Candidate bit-widths of a column group: {b-1, b, b+1} for mixed precision, {b} otherwise."""
     if cfg.alloc == "uniform":
@@ -127,41 +134,16 @@ def tile_rows_for(m: int, bits: int, d: int, group_size: int, overhead: float) -
 
 # --- calibration data
 
-def load_calib(cfg: Config) -> list:
-    """The calibration samples: the built-in synthetic set, or a JSONL in the LLaVA / ShareGPT4V layout
-    ({"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]})."""
-    if cfg.calib == "synthetic" and qa.is_testbed(cfg.model):
+def load_calib(cfg: Config, log=print) -> list:
+    """The calibration samples: the built-in synthetic set, or a user's file (eval.load_calibration)."""
+    if cfg.calib != "synthetic":
+        return qa.load_calibration(cfg.calib, cfg.nsamples, cfg.seed, cfg.image_folder)
+    if is_real(cfg):
+        log("warning: a real model calibrated on drawn shapes; pass --calib with a LLaVA or ShareGPT4V "
+            "JSON/JSONL or COCO captions file (and --image-folder for its images)")
+    if qa.is_testbed(cfg.model):
         return qa.testbed_calib(cfg.nsamples, seed=cfg.seed)
-    if cfg.calib == "synthetic":
-        return qa.make_task("calib", cfg.nsamples, seed=cfg.seed)
-    from PIL import Image
-    if not os.path.isfile(cfg.calib):
-        raise ValueError(f"calibration file {cfg.calib} does not exist")
-    samples, root = [], os.path.dirname(os.path.abspath(cfg.calib))
-    with open(cfg.calib) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                turns = rec["conversations"]
-                question = turns[0]["value"].replace("<image>", "").strip()
-                answer = turns[1]["value"].strip()
-                path = os.path.join(root, rec["image"])
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise ValueError(f"{cfg.calib} line {i} is not a LLaVA-style record with an image and two turns")
-            if not os.path.isfile(path):
-                raise ValueError(f"{cfg.calib} line {i}: image {path} does not exist")
-            try:
-                image = Image.open(path).convert("RGB")
-            except OSError:
-                raise ValueError(f"{cfg.calib} line {i}: image {path} cannot be read")
-            samples.append(qa.Sample(image=image, question=question, answer=answer, kind="calib", choices=[answer]))
-            if len(samples) == cfg.nsamples:
-                break
-    if not samples:
-        raise ValueError(f"calibration file {cfg.calib} holds no samples")
-    return samples
+    return qa.make_task("calib", cfg.nsamples, seed=cfg.seed)
 
 
 def loss_mask(batch) -> torch.Tensor:
@@ -1085,7 +1067,7 @@ def run(cfg: Config, log=print, vlm=None, reference=None) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.out:
         check_out(cfg.out)
-    samples = load_calib(cfg)                                  # bad input fails before the model loads
+    samples = load_calib(cfg, log)                             # bad input fails before the model loads
     if vlm is None:
         vlm = (qa.random_init_model if cfg.random_init else qa.load_model)(cfg.model, cfg.device, cfg.dtype)
     if reference is None and cfg.eval_n:

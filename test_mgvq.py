@@ -1456,7 +1456,7 @@ def test_bad_calibration_files(tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
                                                                           {"from": "gpt", "value": "a cat"}]}) + "\n")
-    for path, words in ((empty, "holds no samples"), (broken, "line 1 is not"), (missing, "does not exist")):
+    for path, words in ((empty, "holds no records"), (broken, "line 1 is not"), (missing, "missing or unreadable")):
         assert mgvq.main(["--calib", str(path), "--eval-n", "4"]) == 2
         err = capsys.readouterr().err
         assert words in err and err.strip().count("\n") == 0
@@ -1537,3 +1537,73 @@ def test_llava_calibration_jsonl(tmp_path):
     samples = mgvq.load_calib(mgvq.resolve(mgvq.Config(calib=str(tmp_path / "calib.jsonl"), nsamples=8)))
     assert len(samples) == 2 and samples[0].question == "Describe the image." and samples[0].answer == "a red circle"
     assert samples[0].image.size == (112, 112)
+
+
+# --- a real run: calibration files as users have them, the saved folder, bad input caught up front
+
+def llava_record(image="a.png", i=0, answer="a red circle"):
+    rec = {"id": str(i), "conversations": [{"from": "human", "value": "What is in the picture?\n<image>"},
+                                           {"from": "gpt", "value": answer},
+                                           {"from": "human", "value": "And its colour?"},
+                                           {"from": "gpt", "value": "red"}]}
+    return rec if image is None else {**rec, "image": image}
+
+
+def write_file(path: Path, content) -> str:
+    """content: a JSON value (written as one JSON document), a list of lines (JSON lines) or raw text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, tuple):                                   # JSON lines
+        path.write_text("\n".join(json.dumps(r) for r in content) + "\n")
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+    return str(path)
+
+
+def coco(images=((1, "a.png"),), captions=((1, "A red circle."),)):
+    return {"images": [{"id": i, "file_name": f} for i, f in images],
+            "annotations": [{"id": k, "image_id": i, "caption": c} for k, (i, c) in enumerate(captions)]}
+
+
+def test_llava_json_array_multi_turn_text_only_and_image_folder(tmp_path, toy):
+    """An array as LLaVA ships it; images relative to --image-folder; the first exchange of a multi-turn
+    conversation, <image> taken out wherever it sits; a record without an image is a text-only chat sample."""
+    (tmp_path / "imgs" / "coco").mkdir(parents=True)
+    E.make_task("eval", 1)[0].image.save(tmp_path / "imgs" / "coco" / "a.png")
+    path = write_file(tmp_path / "data" / "mix.json", [llava_record("coco/a.png"), llava_record(None, 1, "hello"),
+                                                       llava_record(["coco/a.png"], 2)])
+    samples = E.load_calibration(path, 8, image_folder=tmp_path / "imgs")
+    by_answer = {s.answer: s for s in samples}
+    assert len(samples) == 3 and set(by_answer) == {"a red circle", "hello"}
+    assert all(s.question == "What is in the picture?" for s in samples)
+    assert by_answer["hello"].image is None and by_answer["a red circle"].image.size == (112, 112)
+    batch = toy.batch(samples)                                       # image and text-only samples in one batch
+    assert int((batch["input_ids"] == toy.model.config.image_token_id).sum()) == 2 * 16
+    with pytest.raises(E.DataError, match="missing or unreadable"):  # default folder: the file's own
+        E.load_calibration(path, 8)
+
+
+def test_calibration_records_are_drawn_by_a_seeded_shuffle(tmp_path):
+    E.make_task("eval", 1)[0].image.save(tmp_path / "a.png")
+    path = write_file(tmp_path / "c.jsonl", tuple(llava_record(i=i, answer=f"answer {i}") for i in range(40)))
+    draw = lambda seed: [s.answer for s in E.load_calibration(path, 5, seed)]
+    assert draw(0) == draw(0) and draw(0) != draw(1)
+    assert draw(0) != [f"answer {i}" for i in range(5)] and len(set(draw(0))) == 5
+
+
+def test_coco_captions(tmp_path):
+    E.make_task("eval", 1)[0].image.save(tmp_path / "b.png")
+    data = coco(images=((1, "b.png"), (2, "b.png"), (3, "unused.png")),
+                captions=((1, " A red circle. "), (2, "Two shapes."), (1, "A second caption.")))
+    path = write_file(tmp_path / "annotations" / "captions_train2017.json", data)
+    samples = E.load_calibration(path, 8, image_folder=tmp_path)
+    assert sorted(s.answer for s in samples) == ["A red circle.", "Two shapes."]   # one caption per image, the first
+    assert all(s.question == E.COCO_PROMPT and s.image.size == (112, 112) for s in samples)
+
+
+def test_real_model_on_synthetic_shapes_warns_once():
+    said = []
+    mgvq.load_calib(mgvq.resolve(mgvq.Config(model="qwen2-vl-2b", nsamples=2)), log=said.append)
+    assert len(said) == 1 and said[0].startswith("warning: ") and "--calib" in said[0]
+    said.clear()
+    mgvq.load_calib(mgvq.resolve(mgvq.Config(model="toy", nsamples=2)), log=said.append)
+    assert said == []
