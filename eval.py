@@ -8,6 +8,7 @@ Scorer: multiple choice by summed answer log-likelihood (plus exact match of gre
 """
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -17,8 +18,10 @@ import random
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -837,6 +840,86 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> VLM:
 
 def is_toy(name: str) -> bool:
     return name == "toy" or Path(name).expanduser().resolve() == TOY_DIR.resolve()
+
+
+def file_mode(folder: bool) -> int:
+    """The mode os.mkdir or open would give under this process's umask (0o755 and 0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+@contextmanager
+def output_folder(out: str | None):
+    """Where a run writes, made when it starts: a hidden folder beside `out`, so that a path that cannot be
+    written fails at once, in one sentence, and not after the quantization. When the block ends it is renamed
+    to `out` (so `out` never holds half a model); on any failure or interrupt it is removed. None: no folder."""
+    if out is None:
+        yield None
+        return
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists and is not an empty folder")
+    parent = out.absolute().parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write into {parent} ({e.strerror})") from None
+    try:
+        os.chmod(tmp, file_mode(folder=True))              # mkdtemp makes it 0700
+        yield tmp
+        if out.is_dir():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def draw_allocation(alloc: dict, path: Path, choices: list[int]) -> None:
+    """The allocation as a picture: one row per layer, one cell per column group, colour = bits."""
+    colours = {1: (49, 54, 149), 2: (116, 173, 209), 3: (254, 224, 144), 4: (244, 109, 67), 5: (165, 0, 38)}
+    cell, label = 10, 360
+    width = label + cell * max(len(v) for v in alloc.values()) + 10
+    img = Image.new("RGB", (width, 20 + cell * len(alloc) + 30), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 2), "bits per column group (rows: layers)", fill="black")
+    for r, (name, bits) in enumerate(alloc.items()):
+        y = 20 + r * cell
+        draw.text((4, y - 1), name.replace("model.language_model.", "")[:56], fill="black")
+        for g, b in enumerate(bits):
+            draw.rectangle([label + g * cell, y, label + (g + 1) * cell - 2, y + cell - 2], fill=colours.get(b, (0, 0, 0)))
+    for i, b in enumerate(choices):
+        x = label + i * 60
+        draw.rectangle([x, img.height - 22, x + 12, img.height - 10], fill=colours.get(b, (0, 0, 0)))
+        draw.text((x + 16, img.height - 23), f"{b} bits", fill="black")
+    img.save(path)
+
+
+def save_quantized(vlm: VLM, report: dict, folder: Path, choices: list[int]) -> None:
+    """Write a quantized model into folder (output_folder's): config.json, which holds every VQLinear's layout
+    and names the class of modeling_mgvq.py in auto_map; the generation, tokenizer and image-processor files;
+    model.safetensors (VQLinear buffers included); mgvq.json (method, bits, layouts, allocation, sensitivities,
+    figures); allocation.png; modeling_mgvq.py and the kernels.py it imports. load_model(folder) loads it back,
+    and so does AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True) without this code."""
+    from safetensors.torch import save_model
+    config = copy.deepcopy(vlm.model.config)
+    config.architectures = ["Qwen2VLMGVQForConditionalGeneration"]
+    config.auto_map = {"AutoModelForImageTextToText": "modeling_mgvq.Qwen2VLMGVQForConditionalGeneration"}
+    config.mgvq_layouts = report["layouts"]
+    config.save_pretrained(folder)
+    if getattr(vlm.model, "generation_config", None) is not None:
+        vlm.model.generation_config.save_pretrained(folder)
+    vlm.tokenizer.save_pretrained(folder)
+    vlm.image_processor.save_pretrained(folder)
+    save_model(vlm.model, str(folder / "model.safetensors"))
+    (folder / "mgvq.json").write_text(json.dumps(report, indent=1))
+    if report["allocation"]:
+        draw_allocation(report["allocation"], folder / "allocation.png", choices)
+    for name in ("modeling_mgvq.py", "kernels.py"):
+        shutil.copyfile(HERE / name, folder / name)
+    for f in folder.iterdir():
+        os.chmod(f, file_mode(folder=False))
 
 
 # --- scoring

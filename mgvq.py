@@ -17,13 +17,12 @@ import ctypes
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
-import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -66,7 +65,8 @@ class Config:
     max_blocks: int | None = None      # stop after N blocks (dry runs; the rest stays full precision)
     random_init: bool = False          # a published model size with random weights, no download (dry runs)
     eval_n: int | None = None          # held-out questions for the check (480 on the testbed, else 200; 0: skip it)
-    out: str | None = None
+    out: str | None = None             # the saved model (real models default to ./<model>-<method>-<bits>bit)
+    no_save: bool = False              # a real model's run without a saved folder
     device: str = "auto"
     dtype: str = "auto"
 
@@ -106,6 +106,11 @@ def resolve(cfg: Config) -> Config:
         raise ValueError(f"--nsamples must be at least 1, not {cfg.nsamples}")
     if cfg.eval_n is None:
         cfg.eval_n = 480 if qa.is_testbed(cfg.model) else 200
+    if cfg.out and cfg.no_save:
+        raise ValueError("--out and --no-save ask for opposite things: pass one of them")
+    if cfg.out is None and not cfg.no_save and is_real(cfg):            # as quantization tools do: never lose a run
+        name = Path(qa.ALIASES.get(cfg.model, cfg.model)).expanduser().resolve().name
+        cfg.out = f"{name}-{cfg.method}-{cfg.bits}bit"
     return cfg
 
 
@@ -996,63 +1001,6 @@ def peak_mem_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-# --- save / load
-
-def draw_allocation(alloc: dict, path: str, choices: list[int]):
-    """The allocation as a picture: one row per layer, one cell per column group, colour = bits."""
-    from PIL import Image, ImageDraw
-    colours = {1: (49, 54, 149), 2: (116, 173, 209), 3: (254, 224, 144), 4: (244, 109, 67), 5: (165, 0, 38)}
-    cell, label = 10, 360
-    width = label + cell * max(len(v) for v in alloc.values()) + 10
-    img = Image.new("RGB", (width, 20 + cell * len(alloc) + 30), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((4, 2), "bits per column group (rows: layers)", fill="black")
-    for r, (name, bits) in enumerate(alloc.items()):
-        y = 20 + r * cell
-        draw.text((4, y - 1), name.replace("model.language_model.", "")[:56], fill="black")
-        for g, b in enumerate(bits):
-            draw.rectangle([label + g * cell, y, label + (g + 1) * cell - 2, y + cell - 2], fill=colours.get(b, (0, 0, 0)))
-    for i, b in enumerate(choices):
-        x = label + i * 60
-        draw.rectangle([x, img.height - 22, x + 12, img.height - 10], fill=colours.get(b, (0, 0, 0)))
-        draw.text((x + 16, img.height - 23), f"{b} bits", fill="black")
-    img.save(path)
-
-
-def check_out(out: str):
-    """Refuse an --out that exists and is not an empty folder, or whose parent cannot be written, up front."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"--out {out} already exists and is not an empty folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {out}: cannot write into {parent}")
-
-
-def save_quantized(vlm, report: dict, out: str, choices):
-    """Write the quantized model atomically (a hidden temporary folder, renamed at the end): config,
-    tokenizer and image-processor files, model.safetensors (VQLinear buffers included), mgvq.json
-    (method, bits, VQLinear layouts, allocation, sensitivities, figures) and allocation.png.
-    eval.load_model(out) loads it back."""
-    from safetensors.torch import save_model
-    check_out(out)
-    tmp = tempfile.mkdtemp(prefix=".mgvq-", dir=os.path.dirname(os.path.abspath(out)))
-    try:
-        vlm.model.config.save_pretrained(tmp)
-        vlm.tokenizer.save_pretrained(tmp)
-        vlm.image_processor.save_pretrained(tmp)
-        save_model(vlm.model, os.path.join(tmp, "model.safetensors"))
-        with open(os.path.join(tmp, "mgvq.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        if report["allocation"]:
-            draw_allocation(report["allocation"], os.path.join(tmp, "allocation.png"), choices)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # --- CLI
 
 HELDOUT_KEYS = ("accuracy_fp", "accuracy_q", "agreement", "ppl_fp", "ppl_q", "kl", "kl_qa", "kl_text", "kl_choices",
@@ -1065,24 +1013,25 @@ def run(cfg: Config, log=print, vlm=None, reference=None) -> dict:
     t0 = time.time()
     cfg = resolve(cfg)
     torch.manual_seed(cfg.seed)
-    if cfg.out:
-        check_out(cfg.out)
-    samples = load_calib(cfg, log)                             # bad input fails before the model loads
-    if vlm is None:
-        vlm = (qa.random_init_model if cfg.random_init else qa.load_model)(cfg.model, cfg.device, cfg.dtype)
-    if reference is None and cfg.eval_n:
-        held = qa.heldout_set(cfg.model, vlm.tokenizer, cfg.eval_n)
-        reference = held, qa.heldout_reference(vlm, held)
-    t1 = time.time()
-    q = quantize_model(vlm, cfg, samples, log)
-    quant_s = time.time() - t1
-    check = qa.heldout_check(vlm, *reference) if reference else {}
-    report = dict(method=cfg.method, bits=cfg.bits, **bits_report(vlm.model, q["layouts"]),
-                  **{k: check.get(k) for k in HELDOUT_KEYS},
-                  seconds=time.time() - t0, quantize_seconds=quant_s, peak_mem_gb=peak_mem_gb(vlm.device),
-                  config=asdict(cfg), **q)
-    if cfg.out:
-        save_quantized(vlm, report, cfg.out, bit_choices(cfg))
+    with qa.output_folder(cfg.out) as folder:                 # made now: a bad --out fails before anything runs
+        if folder:
+            log(f"the quantized model will be saved to {os.path.abspath(cfg.out)}")
+        samples = load_calib(cfg, log)                        # bad input fails before the model loads
+        if vlm is None:
+            vlm = (qa.random_init_model if cfg.random_init else qa.load_model)(cfg.model, cfg.device, cfg.dtype)
+        if reference is None and cfg.eval_n:
+            held = qa.heldout_set(cfg.model, vlm.tokenizer, cfg.eval_n)
+            reference = held, qa.heldout_reference(vlm, held)
+        t1 = time.time()
+        q = quantize_model(vlm, cfg, samples, log)
+        quant_s = time.time() - t1
+        check = qa.heldout_check(vlm, *reference) if reference else {}
+        report = dict(method=cfg.method, bits=cfg.bits, **bits_report(vlm.model, q["layouts"]),
+                      **{k: check.get(k) for k in HELDOUT_KEYS},
+                      seconds=time.time() - t0, quantize_seconds=quant_s, peak_mem_gb=peak_mem_gb(vlm.device),
+                      config=asdict(cfg), **q)
+        if folder:
+            qa.save_quantized(vlm, report, folder, bit_choices(cfg))
     return report
 
 
@@ -1118,7 +1067,7 @@ def ablation(cfg: Config, seeds=(0, 1, 2), only: list[str] | None = None) -> dic
     for label, switches in table:
         runs = []
         for seed in seeds:
-            c = Config(**{**asdict(cfg), **switches, "seed": seed, "out": None})
+            c = Config(**{**asdict(cfg), **switches, "seed": seed, "out": None, "no_save": True})
             runs.append(run(c, log=lambda *a: None, vlm=qa.load_model(cfg.model, cfg.device, cfg.dtype),
                             reference=reference))
         row = dict(row=label, bits_per_weight=runs[0]["bits_per_weight"], seeds=list(seeds),
