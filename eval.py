@@ -1,4 +1,5 @@
-"""The synthetic image-QA task, model loading and the QA check for MGVQ.
+"""The synthetic image-QA task, model loading and the QA check for MGVQ; and what mgvq.py needs that is not
+the algorithm: calibration files, feeding the model, saving a quantized model, the report.
 
     python eval.py --model toy                 # accuracy of the toy model on 200 eval questions
     python eval.py --model q --ref toy         # a quantized model against its full-precision one
@@ -9,6 +10,7 @@ Scorer: multiple choice by summed answer log-likelihood (plus exact match of gre
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import functools
 import json
@@ -836,6 +838,90 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> VLM:
     return VLM(model.to(device).eval(), name, tokenizer, image_processor, device, torch_dtype)
 
 
+# --- feeding a Qwen2-VL, for mgvq.py's calibration passes: hooks, its blocks and linears, token tags, the
+# full multimodal forward and the logits at the answer positions
+
+@contextmanager
+def hooked(handles):
+    """Remove the given hook handles when the block ends, whatever happens."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StopForward(Exception):
+    """Raised from a hook once it has what it needs: the rest of the forward is skipped."""
+
+
+def quantizable_blocks(model, vision: bool) -> list[tuple[str, torch.nn.Module]]:
+    """Blocks in quantization order, found by walking the containers (module *names* moved between
+    transformers 4.x and 5.x; name patterns quantized the vision tower by accident in peer tools).
+    Vision blocks first (opt-in), then the decoder layers; embeddings, lm_head and the merger stay."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    blocks = list(model.model.visual.blocks) if vision else []
+    blocks += list(model.model.language_model.layers)
+    return [(names[id(b)], b) for b in blocks]
+
+
+def linears(block) -> dict[str, torch.nn.Linear]:
+    return {name: mod for name, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def token_tags(batch, x: torch.Tensor):
+    """Per-token (image?, valid?) flags for an activation x (..., n) of this batch. Activations that are not
+    laid out (B, T) - the vision tower's patches - count as valid image tokens."""
+    mask = batch["attention_mask"]
+    if x.shape[:-1] == mask.shape:                          # a batch of text alone has no mm_token_type_ids
+        img = batch["mm_token_type_ids"] == 1 if "mm_token_type_ids" in batch else torch.zeros_like(mask, dtype=torch.bool)
+        return img.reshape(-1), (mask > 0).reshape(-1)
+    n = x.numel() // x.shape[-1]
+    return torch.ones(n, dtype=torch.bool, device=x.device), torch.ones(n, dtype=torch.bool, device=x.device)
+
+
+def loss_mask(batch) -> torch.Tensor:
+    """(B, T-1) bool: positions whose next token is an answer token (the loss positions)."""
+    return batch["labels"][:, 1:] != -100
+
+
+def contiguous_input(mod, args):
+    """On CPU, a bf16 matmul of a strided (B, k, n) view with a weight that needs no gradient copies the weight
+    B times (3.5 GB for Qwen2-VL-2B's head at B = 8, measured): hand the head a contiguous input."""
+    return (args[0].contiguous(),) + args[1:]
+
+
+def forward(model, batch, keep: int = 0) -> torch.Tensor:
+    """The full multimodal forward (3-D M-RoPE positions included): logits (B, T, V), or of the last `keep`."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with hooked([model.lm_head.register_forward_pre_hook(contiguous_input)]):
+        return model(**inputs, use_cache=False, logits_to_keep=keep).logits
+
+
+def answer_logits(model, batch) -> torch.Tensor:
+    """(N, V) fp32 logits at the N loss positions of the batch. Left padding puts every answer at the end,
+    so only the last k positions need the (large-vocabulary) head."""
+    k = int((batch["labels"] != -100).sum(1).max()) + 1
+    logits = forward(model, batch, keep=k)[:, :-1]                            # (B, k-1, V) predicting t+1
+    return logits[batch["labels"][:, -k:][:, 1:] != -100].float()
+
+
+def block_input(model, block, batch) -> torch.Tensor:
+    """The current model's input to `block` for this batch (the rest of the forward is skipped)."""
+    got = []
+
+    def grab(mod, args):
+        got.append(args[0].detach())
+        raise StopForward
+
+    with torch.no_grad(), hooked([block.register_forward_pre_hook(grab)]):
+        try:
+            forward(model, batch)
+        except StopForward:
+            pass
+    return got[0]
+
+
 # --- saving a quantized model (mgvq.py): one folder that load_model and transformers' Auto classes both load
 
 def is_toy(name: str) -> bool:
@@ -920,6 +1006,105 @@ def save_quantized(vlm: VLM, report: dict, folder: Path, choices: list[int]) -> 
         shutil.copyfile(HERE / name, folder / name)
     for f in folder.iterdir():
         os.chmod(f, file_mode(folder=False))
+
+
+# --- reporting a run of mgvq.py: honest bits, memory, the summary and the ablation table
+
+HELDOUT_KEYS = ("accuracy_fp", "accuracy_q", "agreement", "ppl_fp", "ppl_q", "kl", "kl_qa", "kl_text", "kl_choices",
+                "per_kind")
+SUMMARY_KEYS = ("method", "bits", "bits_per_weight", "bits_per_weight_model", *HELDOUT_KEYS, "seconds",
+                "quantize_seconds", "peak_mem_gb")             # the JSON line mgvq.py prints (--json: everything)
+
+
+def bits_report(model) -> dict:
+    """Honest bits per weight: index + codebook + scale bits over the quantized layers' weights, and over
+    the whole model with everything else counted at 16 bits (bf16 storage, biases included)."""
+    q_bits = q_weights = other = total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, VQLinear):
+            sb = mod.storage_bits()
+            q_bits += sb["index"] + sb["codebook"] + sb["scale"]
+            q_weights += sb["weights"]
+    for name, p in model.named_parameters():
+        other += 16 * p.numel()
+        total += p.numel()
+    for name, b in model.named_buffers():
+        if name.rsplit(".", 1)[-1] == "bias" and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), VQLinear):
+            other += 16 * b.numel()
+            total += b.numel()
+    return dict(bits_per_weight=q_bits / max(q_weights, 1), bits_per_weight_model=(q_bits + other) / (q_weights + total))
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system between phases. glibc keeps what torch frees in its arenas: at 2B
+    size the process held 1.2-2.4 GB of freed memory after each calibration pass (measured), which the next
+    phase's peak stacks on. No-op where malloc_trim does not exist."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_mem_gb(device) -> float:
+    """Peak memory of this process: CUDA max allocated on GPU, max RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def layer_row(name: str, vq: VQLinear, bits: list[int], seconds: float, info: dict) -> dict:
+    """A quantized layer's entry in the report (shape, bits per column group, honest bits per weight, seconds,
+    the quantizer's figures), printed as one line when it is made."""
+    sb = vq.storage_bits()
+    row = dict(name=name, shape=[vq.out_features, vq.in_features], bits=bits,
+               bpw=(sb["index"] + sb["codebook"] + sb["scale"]) / sb["weights"], seconds=seconds, **info)
+    grad = f"  shift {info['shift']:.3f}  loss {info['proxy_rtn']:.2e} -> {info['proxy']:.2e}" if "proxy" in info else ""
+    tqdm.write(f"{name:48s} {row['bpw']:.3f} b/w  err {info['err_rtn']:.4f} -> {info['err']:.4f}{grad}  {seconds:.1f}s")
+    return row
+
+
+def print_summary(r: dict) -> None:
+    f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'-':>{w}}"
+    print(f"\n{'method':8s} {'bits/w':>7s} {'bits/w model':>13s} {'acc FP':>7s} {'acc Q':>6s} {'agree':>6s} "
+          f"{'ppl FP':>7s} {'ppl Q':>7s} {'KL':>7s} {'time':>6s}")
+    print(f"{r['method']:8s} {r['bits_per_weight']:7.3f} {r['bits_per_weight_model']:13.3f} {f(r['accuracy_fp'], 7)} "
+          f"{f(r['accuracy_q'], 6)} {f(r['agreement'], 6)} {f(r['ppl_fp'], 7, 2)} {f(r['ppl_q'], 7, 2)} "
+          f"{f(r['kl'], 7, 4)} {r['seconds']:5.0f}s")
+
+
+def mean_std(values) -> tuple[float, float]:
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+
+
+def ablation_row(label: str, runs: list[dict], seeds) -> dict:
+    """One row of the ablation table from its runs (one per calibration seed): each figure's mean, standard
+    deviation and per-seed values. Prints the row as it is made."""
+    row = dict(row=label, bits_per_weight=runs[0]["bits_per_weight"], seeds=list(seeds),
+               seconds=sum(r["seconds"] for r in runs) / len(runs))
+    for key in ("accuracy_q", "agreement", "ppl_q", "kl", "kl_qa", "kl_text"):
+        if runs[0].get(key) is not None:
+            row[key], row[key + "_std"] = mean_std(r[key] for r in runs)
+            row[key + "_runs"] = [r[key] for r in runs]
+    print(f"{label:28s} {row['bits_per_weight']:.3f} b/w  acc {row['accuracy_q']:.3f} +- {row['accuracy_q_std']:.3f}"
+          f"  ppl {row.get('ppl_q', float('nan')):.2f}  KL {row['kl']:.4f}  {row['seconds']:.0f}s", flush=True)
+    return row
+
+
+def ablation_table(model: str, bits: int, held: "HeldOut", fp: dict, rows: list[dict], seeds) -> dict:
+    """Print the ablation table in markdown, the FP model first; return it as mgvq.py's JSON line."""
+    pm = lambda r, k, f: f"{r[k]:{f}} ± {r[k + '_std']:{f}}" if k in r else "-"
+    print(f"\n| row | bits/weight | QA accuracy | perplexity | KL (full vocabulary) | agreement | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| FP | 16 (bf16) | {fp['accuracy']:.3f} | {fp.get('ppl', float('nan')):.2f} | 0 | 1.000 | - |")
+    for r in rows:
+        print(f"| {r['row']} | {r['bits_per_weight']:.3f} | {pm(r, 'accuracy_q', '.3f')} | {pm(r, 'ppl_q', '.2f')} | "
+              f"{pm(r, 'kl', '.4f')} | {pm(r, 'agreement', '.3f')} | {r['seconds']:.0f} |")
+    return dict(model=model, bits=bits, accuracy_fp=fp["accuracy"], ppl_fp=fp.get("ppl"), per_kind_fp=fp["per_kind"],
+                n_questions=len(held.questions), text_tokens=fp.get("text_tokens"), seeds=list(seeds), rows=rows)
 
 
 # --- scoring

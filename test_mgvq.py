@@ -281,7 +281,7 @@ def test_testbed_shape_is_small_and_fits_the_quantizer(testbed):
     assert 2 * n <= 25e6, f"the testbed is {2 * n / 1e6:.1f} MB in bf16"
     assert len(testbed.model.model.language_model.layers) == 4
     for block in testbed.model.model.language_model.layers:
-        for lin in mgvq.linears(block).values():
+        for lin in E.linears(block).values():
             assert lin.in_features % 256 == 0
     assert len(testbed.tokenizer) == 4096 and testbed.model.config.tie_word_embeddings
 
@@ -1245,7 +1245,7 @@ def test_gradient_is_zero_before_quantization_and_kfac_predicts_kl(toy):
 def perturbed_block0(toy, scale=0.1):
     """Block 0's linears moved off FP by a seeded relative perturbation (as quantizing them would), so that the
     KL and its gradient G in the later blocks are not zero; returns the weights to put back."""
-    lins = mgvq.linears(toy.model.model.language_model.layers[0])
+    lins = E.linears(toy.model.model.language_model.layers[0])
     W0 = {n: lin.weight.detach().clone() for n, lin in lins.items()}
     g = torch.Generator().manual_seed(0)
     for n, lin in lins.items():
@@ -1270,7 +1270,7 @@ def test_gradient_drift_sign_and_scale_against_finite_difference(toy):
         _, _, G, _ = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, torch.Generator().manual_seed(0))
         kl = mgvq.mean_kl(model, batches, teacher)
         assert kl > 1e-4 and math.isclose(G["kl"], kl, rel_tol=1e-4)
-        lins = mgvq.linears(layer)
+        lins = E.linears(layer)
         for name in ("mlp.down_proj", "self_attn.v_proj"):
             lin, Gn = lins[name], G[name]
             W = lin.weight.detach().clone()
@@ -1308,9 +1308,9 @@ def test_kronecker_factors_known_answer(toy):
         try:
             hooks = [lin.register_forward_hook(lambda m, a, o: grab(m, a, o, (xs, gs))),
                      layer.register_forward_hook(lambda m, a, o: grab(m, a, o, ([], outs)))]
-            with torch.enable_grad(), mgvq.hooked(hooks):
+            with torch.enable_grad(), E.hooked(hooks):
                 for batch in batches:
-                    mgvq.sampled_nll(mgvq.answer_logits(model, batch), gen).backward()
+                    mgvq.sampled_nll(E.answer_logits(model, batch), gen).backward()
         finally:
             lin.weight.requires_grad_(False)
             lin.weight.grad = None
@@ -1323,7 +1323,7 @@ def test_kronecker_factors_known_answer(toy):
         S = [x[valid & mask].T @ x[valid & mask] for mask in (~img, img)]
         want_I = (w[0] * S[0] + w[1] * S[1]) / (w[0] * (valid & ~img).sum() + w[1] * (valid & img).sum())
         g = torch.cat([g.reshape(-1, g.shape[-1]) for g in gs])                            # (B T, m)
-        n_pos = sum(int(mgvq.loss_mask(b).sum()) for b in batches)
+        n_pos = sum(int(E.loss_mask(b).sum()) for b in batches)
         for got, want in ((H_I[name], want_I), (H_O[name], g.T @ g / n_pos)):
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()         # fp32 sums in another order
 
@@ -1416,7 +1416,7 @@ def test_saved_model_loads_back_bit_for_bit(quantized):
     again = E.load_model(str(out), device="cpu")
     batch = vlm.batch(E.make_task("eval", 4))
     with torch.no_grad():
-        a, b = mgvq.forward(vlm.model, batch), mgvq.forward(again.model, batch)
+        a, b = E.forward(vlm.model, batch), E.forward(again.model, batch)
     assert torch.equal(a, b)
     result = E.qa_check(again, E.make_task("eval", 40))
     assert result["accuracy"] == r["accuracy_q"]
@@ -1518,7 +1518,7 @@ def test_line_search_on_the_calibration_kl(toy):
     model = toy.model.requires_grad_(False)
     batches = calib(toy, n=8)
     teacher, _ = mgvq.teacher_pass(model, batches, 64)
-    lins = mgvq.linears(model.model.language_model.layers[1])
+    lins = E.linears(model.model.language_model.layers[1])
     W = {n: lin.weight.detach().clone() for n, lin in lins.items()}
     delta = {n: w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) for n, w in W.items()}
     for n, lin in lins.items():
