@@ -4,7 +4,8 @@ for vision-language models (Qwen2-VL). A read-along reference implementation.
 The file follows the pipeline of the README's "Method" section, top to bottom:
   config -> calibration data -> calibration statistics -> vector quantization (Block-LDL sweep)
   -> gradient-Hessian compensation (Newton-shifted target) -> sensitivity -> bit allocation
-  -> driver (block by block) -> save -> CLI.
+  -> driver (block by block) -> CLI (one run, the ablation).
+What is not the algorithm (calibration files, the model's hooks and forward, saving, the report) is in eval.py.
 Symbols: a linear y = W x with W (m, n); VQ vectors are d consecutive columns of one row; a codebook
 has K = 2^(b*d) codewords; T calibration tokens. H_I = E[x x^T] (n, n), H_O = E[g g^T] (m, m),
 G = dKL/dW (m, n). The paper's body is not public: the choices the abstracts leave open are ours and
@@ -13,17 +14,14 @@ are listed in the README.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
-import zlib
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -50,7 +48,9 @@ class Config:
     line_search: int = 3               # backtracking tries of the Newton step on the calibration KL
     token_weights: str | None = None   # none | modality | qig
     feedback: str | None = None        # ldl (exact block metric) | diag (GPTVQ's per-coordinate metric) | none
-    calib: str = "synthetic"           # built-in set (the testbed's: its calib split, scenes + text), or a LLaVA-style JSONL
+    calib: str = "synthetic"           # built-in set (the testbed's: its calib split, scenes + text), or a file:
+                                       # LLaVA / ShareGPT4V JSON array or JSON lines, or COCO captions JSON
+    image_folder: str | None = None    # where the calibration file's relative image paths start (default: its folder)
     nsamples: int | None = None        # calibration samples (64 for the toy and the testbed, 128 for real models)
     batch_size: int = 4                # calibration samples per forward (backward activations scale with it)
     seed: int = 0
@@ -64,7 +64,8 @@ class Config:
     max_blocks: int | None = None      # stop after N blocks (dry runs; the rest stays full precision)
     random_init: bool = False          # a published model size with random weights, no download (dry runs)
     eval_n: int | None = None          # held-out questions for the check (480 on the testbed, else 200; 0: skip it)
-    out: str | None = None
+    out: str | None = None             # the saved model (real models default to ./<model>-<method>-<bits>bit)
+    no_save: bool = False              # a real model's run without a saved folder
     device: str = "auto"
     dtype: str = "auto"
 
@@ -104,7 +105,17 @@ def resolve(cfg: Config) -> Config:
         raise ValueError(f"--nsamples must be at least 1, not {cfg.nsamples}")
     if cfg.eval_n is None:
         cfg.eval_n = 480 if qa.is_testbed(cfg.model) else 200
+    if cfg.out and cfg.no_save:
+        raise ValueError("--out and --no-save ask for opposite things: pass one of them")
+    if cfg.out is None and not cfg.no_save and is_real(cfg):            # as quantization tools do: never lose a run
+        name = Path(qa.ALIASES.get(cfg.model, cfg.model)).expanduser().resolve().name
+        cfg.out = f"{name}-{cfg.method}-{cfg.bits}bit"
     return cfg
+
+
+def is_real(cfg: Config) -> bool:
+    """A published or user's model with its own weights: not the toy, the testbed or a --random-init dry run."""
+    return not (qa.is_toy(cfg.model) or qa.is_testbed(cfg.model) or cfg.random_init)
 
 
 def bit_choices(cfg: Config) -> list[int]:
@@ -127,67 +138,16 @@ def tile_rows_for(m: int, bits: int, d: int, group_size: int, overhead: float) -
 
 # --- calibration data
 
-def load_calib(cfg: Config) -> list:
-    """The calibration samples: the built-in synthetic set, or a JSONL in the LLaVA / ShareGPT4V layout
-    ({"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]})."""
-    if cfg.calib == "synthetic" and qa.is_testbed(cfg.model):
+def load_calib(cfg: Config, log=print) -> list:
+    """The calibration samples: the built-in synthetic set, or a user's file (eval.load_calibration)."""
+    if cfg.calib != "synthetic":
+        return qa.load_calibration(cfg.calib, cfg.nsamples, cfg.seed, cfg.image_folder)
+    if is_real(cfg):
+        log("warning: a real model calibrated on drawn shapes; pass --calib with a LLaVA or ShareGPT4V "
+            "JSON/JSONL or COCO captions file (and --image-folder for its images)")
+    if qa.is_testbed(cfg.model):
         return qa.testbed_calib(cfg.nsamples, seed=cfg.seed)
-    if cfg.calib == "synthetic":
-        return qa.make_task("calib", cfg.nsamples, seed=cfg.seed)
-    from PIL import Image
-    if not os.path.isfile(cfg.calib):
-        raise ValueError(f"calibration file {cfg.calib} does not exist")
-    samples, root = [], os.path.dirname(os.path.abspath(cfg.calib))
-    with open(cfg.calib) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                turns = rec["conversations"]
-                question = turns[0]["value"].replace("<image>", "").strip()
-                answer = turns[1]["value"].strip()
-                path = os.path.join(root, rec["image"])
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise ValueError(f"{cfg.calib} line {i} is not a LLaVA-style record with an image and two turns")
-            if not os.path.isfile(path):
-                raise ValueError(f"{cfg.calib} line {i}: image {path} does not exist")
-            try:
-                image = Image.open(path).convert("RGB")
-            except OSError:
-                raise ValueError(f"{cfg.calib} line {i}: image {path} cannot be read")
-            samples.append(qa.Sample(image=image, question=question, answer=answer, kind="calib", choices=[answer]))
-            if len(samples) == cfg.nsamples:
-                break
-    if not samples:
-        raise ValueError(f"calibration file {cfg.calib} holds no samples")
-    return samples
-
-
-def loss_mask(batch) -> torch.Tensor:
-    """(B, T-1) bool: positions whose next token is an answer token (the loss positions)."""
-    return batch["labels"][:, 1:] != -100
-
-
-def contiguous_input(mod, args):
-    """On CPU, a bf16 matmul of a strided (B, k, n) view with a weight that needs no gradient copies the weight
-    B times (3.5 GB for Qwen2-VL-2B's head at B = 8, measured): hand the head a contiguous input."""
-    return (args[0].contiguous(),) + args[1:]
-
-
-def forward(model, batch, keep: int = 0) -> torch.Tensor:
-    """The full multimodal forward (3-D M-RoPE positions included): logits (B, T, V), or of the last `keep`."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with hooked([model.lm_head.register_forward_pre_hook(contiguous_input)]):
-        return model(**inputs, use_cache=False, logits_to_keep=keep).logits
-
-
-def answer_logits(model, batch) -> torch.Tensor:
-    """(N, V) fp32 logits at the N loss positions of the batch. Left padding puts every answer at the end,
-    so only the last k positions need the (large-vocabulary) head."""
-    k = int((batch["labels"] != -100).sum(1).max()) + 1
-    logits = forward(model, batch, keep=k)[:, :-1]                            # (B, k-1, V) predicting t+1
-    return logits[batch["labels"][:, -k:][:, 1:] != -100].float()
+    return qa.make_task("calib", cfg.nsamples, seed=cfg.seed)
 
 
 def kl_to_teacher(logits, teacher_b) -> torch.Tensor:
@@ -206,8 +166,8 @@ def kl_to_teacher(logits, teacher_b) -> torch.Tensor:
 @torch.no_grad()
 def mean_kl(model, batches, teacher) -> float:
     """The mean KL(p_FP || p_current) over the calibration loss positions."""
-    n_pos = sum(int(loss_mask(b).sum()) for b in batches)
-    return sum(float(kl_to_teacher(answer_logits(model, b), tb)) for b, tb in zip(batches, teacher)) / n_pos
+    n_pos = sum(int(qa.loss_mask(b).sum()) for b in batches)
+    return sum(float(kl_to_teacher(qa.answer_logits(model, b), tb)) for b, tb in zip(batches, teacher)) / n_pos
 
 
 def sampled_nll(logits, gen) -> torch.Tensor:
@@ -229,54 +189,15 @@ def teacher_pass(model, batches, topk: int, keep_inputs_of=(), folder: str | Non
         torch.save(args[0].detach().cpu(), inputs[i][-1])
 
     hooks = [b.register_forward_pre_hook(lambda mod, args, i=i: spill(mod, args, i)) for i, b in enumerate(keep_inputs_of)]
-    with hooked(hooks):
+    with qa.hooked(hooks):
         for batch in tqdm(batches, desc="teacher", leave=False):
-            logp = answer_logits(model, batch).log_softmax(-1)
+            logp = qa.answer_logits(model, batch).log_softmax(-1)
             val, idx = logp.topk(min(topk, logp.shape[-1]), dim=-1)
             teacher.append((idx, val))
     return teacher, inputs
 
 
 # --- calibration statistics
-
-@contextmanager
-def hooked(handles):
-    """Remove the given hook handles when the block ends, whatever happens."""
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class StopForward(Exception):
-    """Raised from a hook once it has what it needs: the rest of the forward is skipped."""
-
-
-def quantizable_blocks(model, vision: bool) -> list[tuple[str, nn.Module]]:
-    """Blocks in quantization order, found by walking the containers (module *names* moved between
-    transformers 4.x and 5.x; name patterns quantized the vision tower by accident in peer tools).
-    Vision blocks first (opt-in), then the decoder layers; embeddings, lm_head and the merger stay."""
-    names = {id(mod): name for name, mod in model.named_modules()}
-    blocks = list(model.model.visual.blocks) if vision else []
-    blocks += list(model.model.language_model.layers)
-    return [(names[id(b)], b) for b in blocks]
-
-
-def linears(block) -> dict[str, nn.Linear]:
-    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
-
-
-def token_tags(batch, x: torch.Tensor):
-    """Per-token (image?, valid?) flags for an activation x (..., n) of this batch. Activations that are not
-    laid out (B, T) - the vision tower's patches - count as valid image tokens."""
-    mask = batch["attention_mask"]
-    if x.shape[:-1] == mask.shape:                          # a batch of text alone has no mm_token_type_ids
-        img = batch["mm_token_type_ids"] == 1 if "mm_token_type_ids" in batch else torch.zeros_like(mask, dtype=torch.bool)
-        return img.reshape(-1), (mask > 0).reshape(-1)
-    n = x.numel() // x.shape[-1]
-    return torch.ones(n, dtype=torch.bool, device=x.device), torch.ones(n, dtype=torch.bool, device=x.device)
-
 
 def hessian_add(S: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
     """S += sum_t w_t x_t x_t^T, accumulated in fp32 (bf16 outer products lose the small directions)."""
@@ -316,7 +237,7 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
       G   = dKL(p_FP || p_current)/dW             mean over the N loss positions, from a second backward
     so that l(D) = <G, D> + 1/2 tr(H_O D H_I D^T) estimates the change of the mean KL (K-FAC: H ~ H_O (x) H_I).
     Token weights w_t: QIG (token_w), or per modality the mean block-output gradient energy |g_t|^2."""
-    lins = linears(block)
+    lins = qa.linears(block)
     fisher = cfg.grad or cfg.token_weights != "none"
     S, SO, share, seen = {}, {name: 0.0 for name in lins}, {}, {}
     energy, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
@@ -329,7 +250,7 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
                 share[name] = next((k for k, t in seen.items() if t is x), name)
                 seen[name] = x
             if share[name] == name and ctx["collect"]:
-                img, valid = token_tags(ctx["batch"], x)
+                img, valid = qa.token_tags(ctx["batch"], x)
                 w = valid.float() * (ctx["w"] if ctx["w"] is not None else 1.0)
                 acc = S.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device) for _ in range(2)]
                                    + [torch.zeros(2, dtype=torch.float64)])    # [text, image, weight per modality]
@@ -345,7 +266,7 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
 
     def on_block(mod, args, out):                          # per-modality gradient energy at the block output
         if ctx["fisher"] and out.requires_grad:
-            img, valid = token_tags(ctx["batch"], out)
+            img, valid = qa.token_tags(ctx["batch"], out)
 
             def on_grad(g):
                 e = g.float().pow(2).sum(-1).reshape(-1) * valid
@@ -353,24 +274,24 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
                 count.add_(torch.stack([(valid & ~img).sum(), (valid & img).sum()]).double().cpu())
             out.register_hook(on_grad)
         elif not fisher:
-            raise StopForward                              # H_I only: the rest of the model is not needed
+            raise qa.StopForward                              # H_I only: the rest of the model is not needed
 
     params = [m.weight for m in lins.values()]
     hooks = [m.register_forward_hook(on_linear(n)) for n, m in lins.items()] + [block.register_forward_hook(on_block)]
-    n_pos = sum(int(loss_mask(b).sum()) for b in batches)
-    with hooked(hooks):
+    n_pos = sum(int(qa.loss_mask(b).sum()) for b in batches)
+    with qa.hooked(hooks):
         for i, batch in enumerate(batches):                # pass 1: H_I (and H_O with sampled labels)
             ctx.update(batch=batch, collect=True, fisher=fisher, w=None if token_w is None else token_w[i])
             if fisher:
                 with torch.enable_grad():
                     for p in params:
                         p.requires_grad_(True)
-                    sampled_nll(answer_logits(model, batch), gen).backward()
+                    sampled_nll(qa.answer_logits(model, batch), gen).backward()
             else:
                 try:
                     with torch.no_grad():
-                        forward(model, batch)
-                except StopForward:
+                        qa.forward(model, batch)
+                except qa.StopForward:
                     pass
         G = {}
         if cfg.grad:                                       # pass 2: G = d mean KL / dW
@@ -381,7 +302,7 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
             with torch.enable_grad():
                 for batch, tb in zip(batches, teacher):
                     ctx["batch"] = batch
-                    loss = kl_to_teacher(answer_logits(model, batch), tb) / n_pos
+                    loss = kl_to_teacher(qa.answer_logits(model, batch), tb) / n_pos
                     loss.backward()
                     kl += float(loss.detach())
             G = {n: m.weight.grad.float().clone() for n, m in lins.items()}
@@ -421,35 +342,19 @@ def normalise_weights(a: torch.Tensor, valid: torch.Tensor, clip: float = 20.0) 
     return w * valid.sum() / w.sum()
 
 
-def block_input(model, block, batch) -> torch.Tensor:
-    """The current model's input to `block` for this batch (the rest of the forward is skipped)."""
-    got = []
-
-    def grab(mod, args):
-        got.append(args[0].detach())
-        raise StopForward
-
-    with torch.no_grad(), hooked([block.register_forward_pre_hook(grab)]):
-        try:
-            forward(model, batch)
-        except StopForward:
-            pass
-    return got[0]
-
-
 def qig_token_weights(model, block, batches, fp_inputs, steps: int) -> list[torch.Tensor]:
     """Token-level weights for H_I from quantization-aware integrated gradients (seed QIG): the answer loss
     attributed to each token's block input along the path from the current model's input to the FP one.
     fp_inputs: the files of this block's FP inputs, one per batch (teacher_pass)."""
     attrs = []
     for batch, path in zip(batches, fp_inputs):
-        h, h_q = torch.load(path), block_input(model, block, batch).float()
-        labels = batch["labels"][:, 1:][loss_mask(batch)]
+        h, h_q = torch.load(path), qa.block_input(model, block, batch).float()
+        labels = batch["labels"][:, 1:][qa.loss_mask(batch)]
 
         def loss_fn(z):                                   # the answer loss with z injected as this block's input
             inject = block.register_forward_pre_hook(lambda mod, args: (z.to(args[0].dtype),) + args[1:])
-            with hooked([inject]):
-                return F.cross_entropy(answer_logits(model, batch), labels, reduction="sum")
+            with qa.hooked([inject]):
+                return F.cross_entropy(qa.answer_logits(model, batch), labels, reduction="sum")
 
         attrs.append(integrated_gradients(loss_fn, h.to(h_q.device).float(), h_q, steps))
     valid = torch.cat([(b["attention_mask"] > 0).reshape(-1) for b in batches])
@@ -812,7 +717,7 @@ def sensitivity_allocation(model, blocks, batches, cfg: Config, gen, log=print):
     def on_linear(name):
         def hook(mod, args, out):
             x = args[0].detach()
-            img, valid = token_tags(ctx["batch"], x)
+            img, valid = qa.token_tags(ctx["batch"], x)
             x2 = x.float().pow(2).reshape(-1, x.shape[-1])
             st = stats.setdefault(name, dict(h=torch.zeros(2, x.shape[-1], device=x.device),
                                              n=torch.zeros(2, device=x.device), o=0.0))
@@ -827,7 +732,7 @@ def sensitivity_allocation(model, blocks, batches, cfg: Config, gen, log=print):
 
     def on_block(bname):
         def hook(mod, args, out):
-            img, valid = token_tags(ctx["batch"], out)
+            img, valid = qa.token_tags(ctx["batch"], out)
 
             def on_grad(g):
                 e = g.float().pow(2).sum(-1).reshape(-1) * valid
@@ -844,18 +749,18 @@ def sensitivity_allocation(model, blocks, batches, cfg: Config, gen, log=print):
     hooks = [b.register_forward_pre_hook(needs_grad) for _, b in blocks if id(b) in starts]
     for bname, block in blocks:
         hooks.append(block.register_forward_hook(on_block(bname)))
-        hooks += [m.register_forward_hook(on_linear(f"{bname}.{n}")) for n, m in linears(block).items()]
-    n_pos = sum(int(loss_mask(b).sum()) for b in batches)
-    with hooked(hooks), torch.enable_grad():
+        hooks += [m.register_forward_hook(on_linear(f"{bname}.{n}")) for n, m in qa.linears(block).items()]
+    n_pos = sum(int(qa.loss_mask(b).sum()) for b in batches)
+    with qa.hooked(hooks), torch.enable_grad():
         for batch in tqdm(batches, desc="sensitivity", leave=False):
             ctx["batch"] = batch
-            sampled_nll(answer_logits(model, batch), gen).backward()
+            sampled_nll(qa.answer_logits(model, batch), gen).backward()
     choices = bit_choices(cfg)
     costs, sizes, owners, sens = [], [], [], {}
     for bname, block in tqdm(blocks, desc="trial VQ", leave=False):
         e = energy[bname]
         mw = e[0] / e[1].clamp_min(1) if cfg.token_weights != "none" and (e[1] > 0).all() else torch.ones(2, dtype=torch.float64)
-        for n, lin in linears(block).items():
+        for n, lin in qa.linears(block).items():
             name, st = f"{bname}.{n}", stats[f"{bname}.{n}"]
             W = lin.weight.detach().float()
             m = W.shape[0]
@@ -921,14 +826,14 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     batches = [vlm.batch(samples[i:i + cfg.batch_size]) for i in range(0, len(samples), cfg.batch_size)]
-    blocks = quantizable_blocks(model, cfg.quantize_vision)[:cfg.max_blocks]
+    blocks = qa.quantizable_blocks(model, cfg.quantize_vision)[:cfg.max_blocks]
     decoder = {id(b) for b in model.model.language_model.layers}
     qig = cfg.token_weights == "qig"
     keep = [b for _, b in blocks if id(b) in decoder] if qig else []
     spill = tempfile.TemporaryDirectory(prefix="mgvq-inputs-") if keep else None   # FP block inputs for QIG
     teacher, fp_inputs = teacher_pass(model, batches, cfg.teacher_topk, keep, spill and spill.name) if (cfg.grad or qig) else (None, {})
     alloc, sens = sensitivity_allocation(model, blocks, batches, cfg, gen, log) if cfg.alloc == "sensitivity" else ({}, {})
-    release_memory()
+    qa.release_memory()
     layouts, layers, per_block = {}, [], []
     for l, (bname, block) in enumerate(tqdm(blocks, desc="blocks")):
         t0 = time.time()
@@ -936,8 +841,8 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
         if qig and l > 0 and id(block) in decoder:            # h = h_q before anything is quantized: modality then
             token_w = qig_token_weights(model, block, batches, fp_inputs[keep.index(block)], cfg.qig_steps)
         H_I, H_O, G, mw = block_statistics(model, block, batches, cfg, teacher, token_w, gen)
-        release_memory()
-        lins = linears(block)
+        qa.release_memory()
+        lins = qa.linears(block)
         factors = {n: damped_factors(lin, H_I[n], H_O[n], cfg, f"{bname}.{n}", log) for n, lin in lins.items()}
         del H_I, H_O                                          # damped in place: the factors hold them
         shifts, step = {}, 0.0
@@ -953,21 +858,17 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, vq)
             layouts[name] = vq.layout()
-            release_memory()
-            sb = vq.storage_bits()
-            row = dict(name=name, shape=[lin.out_features, lin.in_features], bits=bits,
-                       bpw=(sb["index"] + sb["codebook"] + sb["scale"]) / sb["weights"], seconds=time.time() - t1, **info)
+            qa.release_memory()
+            row = qa.layer_row(name, vq, bits, time.time() - t1, info)            # printed as it is made
             if G:
                 row.update(grad_norm=float(G[n].norm()), block_kl=G["kl"], newton_step=step)
             layers.append(row)
-            grad = f"  shift {info['shift']:.3f}  loss {info['proxy_rtn']:.2e} -> {info['proxy']:.2e}" if "proxy" in info else ""
-            tqdm.write(f"{name:48s} {row['bpw']:.3f} b/w  err {info['err_rtn']:.4f} -> {info['err']:.4f}{grad}  {row['seconds']:.1f}s")
         del G, factors
-        per_block.append(dict(block=bname, seconds=time.time() - t0, peak_mem_gb=peak_mem_gb(dev)))
+        per_block.append(dict(block=bname, seconds=time.time() - t0, peak_mem_gb=qa.peak_mem_gb(dev)))
         tqdm.write(f"{bname}: {per_block[-1]['seconds']:.1f}s, peak memory {per_block[-1]['peak_mem_gb']:.2f} GB")
     if spill:
         spill.cleanup()
-    total = len(quantizable_blocks(model, cfg.quantize_vision))
+    total = len(qa.quantizable_blocks(model, cfg.quantize_vision))
     projected = sum(b["seconds"] for b in per_block) / max(len(per_block), 1) * total
     if len(blocks) < total:
         log(f"{len(blocks)} of {total} blocks quantized; all {total} projected at {projected / 60:.1f} min")
@@ -975,106 +876,7 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
                 projected_block_seconds=projected)
 
 
-def bits_report(model, layouts) -> dict:
-    """Honest bits per weight: index + codebook + scale bits over the quantized layers' weights, and over
-    the whole model with everything else counted at 16 bits (bf16 storage, biases included)."""
-    q_bits = q_weights = other = total = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, VQLinear):
-            sb = mod.storage_bits()
-            q_bits += sb["index"] + sb["codebook"] + sb["scale"]
-            q_weights += sb["weights"]
-    for name, p in model.named_parameters():
-        other += 16 * p.numel()
-        total += p.numel()
-    for name, b in model.named_buffers():
-        if name.rsplit(".", 1)[-1] == "bias" and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), VQLinear):
-            other += 16 * b.numel()
-            total += b.numel()
-    return dict(bits_per_weight=q_bits / max(q_weights, 1), bits_per_weight_model=(q_bits + other) / (q_weights + total))
-
-
-def release_memory():
-    """Hand freed memory back to the system between phases. glibc keeps what torch frees in its arenas: at 2B
-    size the process held 1.2-2.4 GB of freed memory after each calibration pass (measured), which the next
-    phase's peak stacks on. No-op where malloc_trim does not exist."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_mem_gb(device) -> float:
-    """Peak memory of this process: CUDA max allocated on GPU, max RSS on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-# --- save / load
-
-def draw_allocation(alloc: dict, path: str, choices: list[int]):
-    """The allocation as a picture: one row per layer, one cell per column group, colour = bits."""
-    from PIL import Image, ImageDraw
-    colours = {1: (49, 54, 149), 2: (116, 173, 209), 3: (254, 224, 144), 4: (244, 109, 67), 5: (165, 0, 38)}
-    cell, label = 10, 360
-    width = label + cell * max(len(v) for v in alloc.values()) + 10
-    img = Image.new("RGB", (width, 20 + cell * len(alloc) + 30), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((4, 2), "bits per column group (rows: layers)", fill="black")
-    for r, (name, bits) in enumerate(alloc.items()):
-        y = 20 + r * cell
-        draw.text((4, y - 1), name.replace("model.language_model.", "")[:56], fill="black")
-        for g, b in enumerate(bits):
-            draw.rectangle([label + g * cell, y, label + (g + 1) * cell - 2, y + cell - 2], fill=colours.get(b, (0, 0, 0)))
-    for i, b in enumerate(choices):
-        x = label + i * 60
-        draw.rectangle([x, img.height - 22, x + 12, img.height - 10], fill=colours.get(b, (0, 0, 0)))
-        draw.text((x + 16, img.height - 23), f"{b} bits", fill="black")
-    img.save(path)
-
-
-def check_out(out: str):
-    """Refuse an --out that exists and is not an empty folder, or whose parent cannot be written, up front."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"--out {out} already exists and is not an empty folder")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {out}: cannot write into {parent}")
-
-
-def save_quantized(vlm, report: dict, out: str, choices):
-    """Write the quantized model atomically (a hidden temporary folder, renamed at the end): config,
-    tokenizer and image-processor files, model.safetensors (VQLinear buffers included), mgvq.json
-    (method, bits, VQLinear layouts, allocation, sensitivities, figures) and allocation.png.
-    eval.load_model(out) loads it back."""
-    from safetensors.torch import save_model
-    check_out(out)
-    tmp = tempfile.mkdtemp(prefix=".mgvq-", dir=os.path.dirname(os.path.abspath(out)))
-    try:
-        vlm.model.config.save_pretrained(tmp)
-        vlm.tokenizer.save_pretrained(tmp)
-        vlm.image_processor.save_pretrained(tmp)
-        save_model(vlm.model, os.path.join(tmp, "model.safetensors"))
-        with open(os.path.join(tmp, "mgvq.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        if report["allocation"]:
-            draw_allocation(report["allocation"], os.path.join(tmp, "allocation.png"), choices)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # --- CLI
-
-HELDOUT_KEYS = ("accuracy_fp", "accuracy_q", "agreement", "ppl_fp", "ppl_q", "kl", "kl_qa", "kl_text", "kl_choices",
-                "per_kind")
 
 def run(cfg: Config, log=print, vlm=None, reference=None) -> dict:
     """One `python mgvq.py` run: load, calibrate, quantize, score FP and quantized on held-out data (same
@@ -1083,24 +885,25 @@ def run(cfg: Config, log=print, vlm=None, reference=None) -> dict:
     t0 = time.time()
     cfg = resolve(cfg)
     torch.manual_seed(cfg.seed)
-    if cfg.out:
-        check_out(cfg.out)
-    samples = load_calib(cfg)                                  # bad input fails before the model loads
-    if vlm is None:
-        vlm = (qa.random_init_model if cfg.random_init else qa.load_model)(cfg.model, cfg.device, cfg.dtype)
-    if reference is None and cfg.eval_n:
-        held = qa.heldout_set(cfg.model, vlm.tokenizer, cfg.eval_n)
-        reference = held, qa.heldout_reference(vlm, held)
-    t1 = time.time()
-    q = quantize_model(vlm, cfg, samples, log)
-    quant_s = time.time() - t1
-    check = qa.heldout_check(vlm, *reference) if reference else {}
-    report = dict(method=cfg.method, bits=cfg.bits, **bits_report(vlm.model, q["layouts"]),
-                  **{k: check.get(k) for k in HELDOUT_KEYS},
-                  seconds=time.time() - t0, quantize_seconds=quant_s, peak_mem_gb=peak_mem_gb(vlm.device),
-                  config=asdict(cfg), **q)
-    if cfg.out:
-        save_quantized(vlm, report, cfg.out, bit_choices(cfg))
+    with qa.output_folder(cfg.out) as folder:                 # made now: a bad --out fails before anything runs
+        if folder:
+            log(f"the quantized model will be saved to {os.path.abspath(cfg.out)}")
+        samples = load_calib(cfg, log)                        # bad input fails before the model loads
+        if vlm is None:
+            vlm = (qa.random_init_model if cfg.random_init else qa.load_model)(cfg.model, cfg.device, cfg.dtype)
+        if reference is None and cfg.eval_n:
+            held = qa.heldout_set(cfg.model, vlm.tokenizer, cfg.eval_n)
+            reference = held, qa.heldout_reference(vlm, held)
+        t1 = time.time()
+        q = quantize_model(vlm, cfg, samples, log)
+        quant_s = time.time() - t1
+        check = qa.heldout_check(vlm, *reference) if reference else {}
+        report = dict(method=cfg.method, bits=cfg.bits, **qa.bits_report(vlm.model),
+                      **{k: check.get(k) for k in qa.HELDOUT_KEYS},
+                      seconds=time.time() - t0, quantize_seconds=quant_s, peak_mem_gb=qa.peak_mem_gb(vlm.device),
+                      config=asdict(cfg), **q)
+        if folder:
+            qa.save_quantized(vlm, report, folder, bit_choices(cfg))
     return report
 
 
@@ -1114,11 +917,6 @@ ABLATION = [  # (label, switches on top of the method) - each adds one MGVQ comp
     ("gptvq + block-LDL metric", dict(method="gptvq", feedback="ldl")),
     ("mgvq", dict(method="mgvq")),
 ]
-
-
-def mean_std(values) -> tuple[float, float]:
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
 
 
 def ablation(cfg: Config, seeds=(0, 1, 2), only: list[str] | None = None) -> dict:
@@ -1136,28 +934,11 @@ def ablation(cfg: Config, seeds=(0, 1, 2), only: list[str] | None = None) -> dic
     for label, switches in table:
         runs = []
         for seed in seeds:
-            c = Config(**{**asdict(cfg), **switches, "seed": seed, "out": None})
+            c = Config(**{**asdict(cfg), **switches, "seed": seed, "out": None, "no_save": True})
             runs.append(run(c, log=lambda *a: None, vlm=qa.load_model(cfg.model, cfg.device, cfg.dtype),
                             reference=reference))
-        row = dict(row=label, bits_per_weight=runs[0]["bits_per_weight"], seeds=list(seeds),
-                   seconds=sum(r["seconds"] for r in runs) / len(runs))
-        for key in ("accuracy_q", "agreement", "ppl_q", "kl", "kl_qa", "kl_text"):
-            if runs[0].get(key) is not None:
-                row[key], row[key + "_std"] = mean_std(r[key] for r in runs)
-                row[key + "_runs"] = [r[key] for r in runs]
-        rows.append(row)
-        print(f"{label:28s} {row['bits_per_weight']:.3f} b/w  acc {row['accuracy_q']:.3f} +- {row['accuracy_q_std']:.3f}"
-              f"  ppl {row.get('ppl_q', float('nan')):.2f}  KL {row['kl']:.4f}  {row['seconds']:.0f}s", flush=True)
-    pm = lambda r, k, f: f"{r[k]:{f}} ± {r[k + '_std']:{f}}" if k in r else "-"
-    print(f"\n| row | bits/weight | QA accuracy | perplexity | KL (full vocabulary) | agreement | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| FP | 16 (bf16) | {fp['accuracy']:.3f} | {fp.get('ppl', float('nan')):.2f} | 0 | 1.000 | - |")
-    for r in rows:
-        print(f"| {r['row']} | {r['bits_per_weight']:.3f} | {pm(r, 'accuracy_q', '.3f')} | {pm(r, 'ppl_q', '.2f')} | "
-              f"{pm(r, 'kl', '.4f')} | {pm(r, 'agreement', '.3f')} | {r['seconds']:.0f} |")
-    return dict(model=cfg.model, bits=cfg.bits, accuracy_fp=fp["accuracy"], ppl_fp=fp.get("ppl"),
-                per_kind_fp=fp["per_kind"], n_questions=len(held.questions), text_tokens=fp.get("text_tokens"),
-                seeds=list(seeds), rows=rows)
+        rows.append(qa.ablation_row(label, runs, seeds))
+    return qa.ablation_table(cfg.model, cfg.bits, held, fp, rows, seeds)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1185,15 +966,6 @@ def parse_args(argv) -> tuple[Config, argparse.Namespace]:
     return Config(**{k: v for k, v in vars(args).items() if k not in extra}), args
 
 
-def print_summary(r: dict):
-    f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, float) else f"{'-':>{w}}"
-    print(f"\n{'method':8s} {'bits/w':>7s} {'bits/w model':>13s} {'acc FP':>7s} {'acc Q':>6s} {'agree':>6s} "
-          f"{'ppl FP':>7s} {'ppl Q':>7s} {'KL':>7s} {'time':>6s}")
-    print(f"{r['method']:8s} {r['bits_per_weight']:7.3f} {r['bits_per_weight_model']:13.3f} {f(r['accuracy_fp'], 7)} "
-          f"{f(r['accuracy_q'], 6)} {f(r['agreement'], 6)} {f(r['ppl_fp'], 7, 2)} {f(r['ppl_q'], 7, 2)} "
-          f"{f(r['kl'], 7, 4)} {r['seconds']:5.0f}s")
-
-
 def main(argv=None) -> int:
     from transformers.utils import logging
     logging.set_verbosity_error()                              # no torchvision notice, no weight-loading bar
@@ -1204,10 +976,8 @@ def main(argv=None) -> int:
             print(json.dumps(ablation(cfg, only=args.rows.split(",") if args.rows else None)))
             return 0
         r = run(cfg)
-        print_summary(r)
-        keys = ("method", "bits", "bits_per_weight", "bits_per_weight_model", *HELDOUT_KEYS, "seconds",
-                "quantize_seconds", "peak_mem_gb")
-        print(json.dumps(r if args.json else {k: r[k] for k in keys}))
+        qa.print_summary(r)
+        print(json.dumps(r if args.json else {k: r[k] for k in qa.SUMMARY_KEYS}))
         return 0
     except (ValueError, qa.ModelNotFound) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import warnings
@@ -297,7 +298,7 @@ def test_testbed_shape_is_small_and_fits_the_quantizer(testbed):
     assert 2 * n <= 25e6, f"the testbed is {2 * n / 1e6:.1f} MB in bf16"
     assert len(testbed.model.model.language_model.layers) == 4
     for block in testbed.model.model.language_model.layers:
-        for lin in mgvq.linears(block).values():
+        for lin in E.linears(block).values():
             assert lin.in_features % 256 == 0
     assert len(testbed.tokenizer) == 4096 and testbed.model.config.tie_word_embeddings
 
@@ -1291,7 +1292,7 @@ def test_gradient_is_zero_before_quantization_and_kfac_predicts_kl(toy):
 def perturbed_block0(toy, scale=0.1):
     """Block 0's linears moved off FP by a seeded relative perturbation (as quantizing them would), so that the
     KL and its gradient G in the later blocks are not zero; returns the weights to put back."""
-    lins = mgvq.linears(toy.model.model.language_model.layers[0])
+    lins = E.linears(toy.model.model.language_model.layers[0])
     W0 = {n: lin.weight.detach().clone() for n, lin in lins.items()}
     g = torch.Generator().manual_seed(0)
     for n, lin in lins.items():
@@ -1316,7 +1317,7 @@ def test_gradient_drift_sign_and_scale_against_finite_difference(toy):
         _, _, G, _ = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, torch.Generator().manual_seed(0))
         kl = mgvq.mean_kl(model, batches, teacher)
         assert kl > 1e-4 and math.isclose(G["kl"], kl, rel_tol=1e-4)
-        lins = mgvq.linears(layer)
+        lins = E.linears(layer)
         for name in ("mlp.down_proj", "self_attn.v_proj"):
             lin, Gn = lins[name], G[name]
             W = lin.weight.detach().clone()
@@ -1354,9 +1355,9 @@ def test_kronecker_factors_known_answer(toy):
         try:
             hooks = [lin.register_forward_hook(lambda m, a, o: grab(m, a, o, (xs, gs))),
                      layer.register_forward_hook(lambda m, a, o: grab(m, a, o, ([], outs)))]
-            with torch.enable_grad(), mgvq.hooked(hooks):
+            with torch.enable_grad(), E.hooked(hooks):
                 for batch in batches:
-                    mgvq.sampled_nll(mgvq.answer_logits(model, batch), gen).backward()
+                    mgvq.sampled_nll(E.answer_logits(model, batch), gen).backward()
         finally:
             lin.weight.requires_grad_(False)
             lin.weight.grad = None
@@ -1369,7 +1370,7 @@ def test_kronecker_factors_known_answer(toy):
         S = [x[valid & mask].T @ x[valid & mask] for mask in (~img, img)]
         want_I = (w[0] * S[0] + w[1] * S[1]) / (w[0] * (valid & ~img).sum() + w[1] * (valid & img).sum())
         g = torch.cat([g.reshape(-1, g.shape[-1]) for g in gs])                            # (B T, m)
-        n_pos = sum(int(mgvq.loss_mask(b).sum()) for b in batches)
+        n_pos = sum(int(E.loss_mask(b).sum()) for b in batches)
         for got, want in ((H_I[name], want_I), (H_O[name], g.T @ g / n_pos)):
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()         # fp32 sums in another order
 
@@ -1400,15 +1401,19 @@ SMALL = dict(nsamples=16, kmeans_iters=6, trial_iters=3, qig_steps=2, eval_n=40)
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    """One small end-to-end MGVQ run on the toy, saved to a folder; with the Q that each layer's quantizer
+    """One small end-to-end MGVQ run on the toy, saved as a user's real model is: the toy copied into a folder
+    of its own (my-vlm), no --out, so the run saves to ./my-vlm-mgvq-2bit; with the Q that each layer's quantizer
     computed (the codebook refit's output), in the order of the report's layers."""
-    out = tmp_path_factory.mktemp("q") / "toy-2bit"
+    work = tmp_path_factory.mktemp("q")
+    shutil.copytree(E.TOY_DIR, work / "my-vlm")
     vlm = E.load_model("toy", device="cpu")
     computed, refit = [], mgvq.refit_codebooks
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mgvq, "refit_codebooks", lambda *a, **k: computed.append(refit(*a, **k)) or computed[-1])
-        report = mgvq.run(mgvq.Config(method="mgvq", out=str(out), **SMALL), log=lambda *a: None, vlm=vlm)
-    return vlm, report, out, computed
+        mp.chdir(work)
+        report = mgvq.run(mgvq.Config(model=str(work / "my-vlm"), method="mgvq", **SMALL), log=lambda *a: None,
+                          vlm=vlm)
+    return vlm, report, work / "my-vlm-mgvq-2bit", computed
 
 
 def test_end_to_end_report_and_honest_bits(quantized):
@@ -1458,7 +1463,7 @@ def test_saved_model_loads_back_bit_for_bit(quantized):
     again = E.load_model(str(out), device="cpu")
     batch = vlm.batch(E.make_task("eval", 4))
     with torch.no_grad():
-        a, b = mgvq.forward(vlm.model, batch), mgvq.forward(again.model, batch)
+        a, b = E.forward(vlm.model, batch), E.forward(again.model, batch)
     assert torch.equal(a, b)
     result = E.qa_check(again, E.make_task("eval", 40))
     assert result["accuracy"] == r["accuracy_q"]
@@ -1502,7 +1507,7 @@ def test_bad_calibration_files(tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
                                                                           {"from": "gpt", "value": "a cat"}]}) + "\n")
-    for path, words in ((empty, "holds no samples"), (broken, "line 1 is not"), (missing, "does not exist")):
+    for path, words in ((empty, "holds no records"), (broken, "line 1 is not"), (missing, "missing or unreadable")):
         assert mgvq.main(["--calib", str(path), "--eval-n", "4"]) == 2
         err = capsys.readouterr().err
         assert words in err and err.strip().count("\n") == 0
@@ -1522,7 +1527,7 @@ def test_out_must_be_new_or_empty(tmp_path, capsys):
 def test_interrupt_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(mgvq, "draw_allocation", interrupted)      # Ctrl-C in the middle of writing --out
+    monkeypatch.setattr(E, "draw_allocation", interrupted)         # Ctrl-C in the middle of writing --out
     out = tmp_path / "q"
     assert mgvq.main(["--method", "mgvq", "--out", str(out), "--max-blocks", "1", "--nsamples", "8",
                       "--kmeans-iters", "2", "--trial-iters", "2", "--qig-steps", "1", "--eval-n", "4"]) == 130
@@ -1559,7 +1564,7 @@ def test_line_search_on_the_calibration_kl(toy):
     model = toy.model.requires_grad_(False)
     batches = calib(toy, n=8)
     teacher, _ = mgvq.teacher_pass(model, batches, 64)
-    lins = mgvq.linears(model.model.language_model.layers[1])
+    lins = E.linears(model.model.language_model.layers[1])
     W = {n: lin.weight.detach().clone() for n, lin in lins.items()}
     delta = {n: w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) for n, w in W.items()}
     for n, lin in lins.items():
@@ -1583,3 +1588,193 @@ def test_llava_calibration_jsonl(tmp_path):
     samples = mgvq.load_calib(mgvq.resolve(mgvq.Config(calib=str(tmp_path / "calib.jsonl"), nsamples=8)))
     assert len(samples) == 2 and samples[0].question == "Describe the image." and samples[0].answer == "a red circle"
     assert samples[0].image.size == (112, 112)
+
+
+# --- a real run: calibration files as users have them, the saved folder, bad input caught up front
+
+def llava_record(image="a.png", i=0, answer="a red circle"):
+    rec = {"id": str(i), "conversations": [{"from": "human", "value": "What is in the picture?\n<image>"},
+                                           {"from": "gpt", "value": answer},
+                                           {"from": "human", "value": "And its colour?"},
+                                           {"from": "gpt", "value": "red"}]}
+    return rec if image is None else {**rec, "image": image}
+
+
+def write_file(path: Path, content) -> str:
+    """content: a JSON value (written as one JSON document), a list of lines (JSON lines) or raw text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, tuple):                                   # JSON lines
+        path.write_text("\n".join(json.dumps(r) for r in content) + "\n")
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+    return str(path)
+
+
+def coco(images=((1, "a.png"),), captions=((1, "A red circle."),)):
+    return {"images": [{"id": i, "file_name": f} for i, f in images],
+            "annotations": [{"id": k, "image_id": i, "caption": c} for k, (i, c) in enumerate(captions)]}
+
+
+def test_llava_json_array_multi_turn_text_only_and_image_folder(tmp_path, toy):
+    """An array as LLaVA ships it; images relative to --image-folder; the first exchange of a multi-turn
+    conversation, <image> taken out wherever it sits; a record without an image is a text-only chat sample."""
+    (tmp_path / "imgs" / "coco").mkdir(parents=True)
+    E.make_task("eval", 1)[0].image.save(tmp_path / "imgs" / "coco" / "a.png")
+    path = write_file(tmp_path / "data" / "mix.json", [llava_record("coco/a.png"), llava_record(None, 1, "hello"),
+                                                       llava_record(["coco/a.png"], 2)])
+    samples = E.load_calibration(path, 8, image_folder=tmp_path / "imgs")
+    by_answer = {s.answer: s for s in samples}
+    assert len(samples) == 3 and set(by_answer) == {"a red circle", "hello"}
+    assert all(s.question == "What is in the picture?" for s in samples)
+    assert by_answer["hello"].image is None and by_answer["a red circle"].image.size == (112, 112)
+    batch = toy.batch(samples)                                       # image and text-only samples in one batch
+    assert int((batch["input_ids"] == toy.model.config.image_token_id).sum()) == 2 * 16
+    with pytest.raises(E.DataError, match="missing or unreadable"):  # default folder: the file's own
+        E.load_calibration(path, 8)
+
+
+def test_calibration_records_are_drawn_by_a_seeded_shuffle(tmp_path):
+    E.make_task("eval", 1)[0].image.save(tmp_path / "a.png")
+    path = write_file(tmp_path / "c.jsonl", tuple(llava_record(i=i, answer=f"answer {i}") for i in range(40)))
+    draw = lambda seed: [s.answer for s in E.load_calibration(path, 5, seed)]
+    assert draw(0) == draw(0) and draw(0) != draw(1)
+    assert draw(0) != [f"answer {i}" for i in range(5)] and len(set(draw(0))) == 5
+
+
+def test_coco_captions(tmp_path):
+    E.make_task("eval", 1)[0].image.save(tmp_path / "b.png")
+    data = coco(images=((1, "b.png"), (2, "b.png"), (3, "unused.png")),
+                captions=((1, " A red circle. "), (2, "Two shapes."), (1, "A second caption.")))
+    path = write_file(tmp_path / "annotations" / "captions_train2017.json", data)
+    samples = E.load_calibration(path, 8, image_folder=tmp_path)
+    assert sorted(s.answer for s in samples) == ["A red circle.", "Two shapes."]   # one caption per image, the first
+    assert all(s.question == E.COCO_PROMPT and s.image.size == (112, 112) for s in samples)
+
+
+def test_real_model_on_synthetic_shapes_warns_once():
+    said = []
+    mgvq.load_calib(mgvq.resolve(mgvq.Config(model="qwen2-vl-2b", nsamples=2)), log=said.append)
+    assert len(said) == 1 and said[0].startswith("warning: ") and "--calib" in said[0]
+    said.clear()
+    mgvq.load_calib(mgvq.resolve(mgvq.Config(model="toy", nsamples=2)), log=said.append)
+    assert said == []
+
+
+def test_where_a_run_saves():
+    """Real models save to ./<model>-<method>-<bits>bit unless --out or --no-save; the toy, the testbed and
+    --random-init dry runs save only where --out says."""
+    out = lambda **kw: mgvq.resolve(mgvq.Config(**kw)).out
+    assert out(model="qwen2-vl-2b") == "Qwen2-VL-2B-Instruct-mgvq-2bit"
+    assert out(model="/models/Qwen2-VL-7B-Instruct/", method="gptvq", bits=3) == "Qwen2-VL-7B-Instruct-gptvq-3bit"
+    assert out(model="qwen2-vl-2b", no_save=True) is None and out(model="qwen2-vl-2b", out="q") == "q"
+    assert out(model="toy") is None and out(model=str(E.TOY_DIR)) is None and out(model="testbed") is None
+    assert out(model="qwen2-vl-2b", random_init=True) is None and out(model="toy", out="q") == "q"
+
+
+def test_real_model_saves_by_default_with_ordinary_permissions(quantized):
+    """The fixture's run (a real model as far as the CLI can tell, no --out) left exactly its folder behind,
+    renamed into place, with the modes that os.mkdir and open give, not mkdtemp's 0700."""
+    vlm, r, out, _ = quantized
+    assert sorted(p.name for p in out.parent.iterdir()) == ["my-vlm", "my-vlm-mgvq-2bit"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "mgvq.json", "modeling_mgvq.py", "kernels.py"} <= names
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in out.iterdir())
+
+
+def test_cli_prints_where_it_saves_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                       # the model cannot be found: a late failure
+    assert mgvq.main(["--model", "qwen2-vl-2b", "--nsamples", "2", "--eval-n", "4"]) == 2
+    said = capsys.readouterr()
+    assert f"saved to {tmp_path / 'Qwen2-VL-2B-Instruct-mgvq-2bit'}" in said.out and "warning: " in said.out
+    assert said.err.startswith("error: ") and list(tmp_path.iterdir()) == []
+
+
+LOAD_IN_PLAIN_TRANSFORMERS = """
+import sys, torch
+from transformers import AutoModelForImageTextToText
+folder, batch, out, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+with torch.no_grad():
+    logits = model(**torch.load(batch), use_cache=False).logits
+vq = sorted(n for n, m in model.named_modules() if type(m).__name__ == "VQLinear")
+torch.save(dict(logits=logits, vq=vq, ours=[m for m in ("mgvq", "eval", "kernels") if m in sys.modules]), out)
+"""
+
+
+def test_saved_folder_loads_in_plain_transformers(quantized, tmp_path):
+    """In a fresh process that imports nothing of this project, AutoModelForImageTextToText with
+    trust_remote_code builds the saved model from the folder's own modeling_mgvq.py and kernels.py: the same
+    VQLinear layers and the same logits as eval.load_model."""
+    vlm, r, out, _ = quantized
+    again = E.load_model(str(out), device="cpu")
+    inputs = {k: v for k, v in vlm.batch(E.make_task("eval", 4)).items() if k != "labels"}
+    torch.save(inputs, tmp_path / "batch.pt")
+    with torch.no_grad():
+        expected = again.model(**inputs, use_cache=False).logits
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    run = subprocess.run([sys.executable, "-c", LOAD_IN_PLAIN_TRANSFORMERS, str(out), str(tmp_path / "batch.pt"),
+                          str(tmp_path / "got.pt"), str(torch.get_num_threads())],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = torch.load(tmp_path / "got.pt")
+    assert got["ours"] == [] and got["vq"] == sorted(r["layouts"])
+    assert torch.equal(got["logits"], expected)
+
+
+def bad_llava(tmp, records, name="calib.json"):
+    E.make_task("eval", 1)[0].image.save(tmp / "a.png")
+    return ["--calib", write_file(tmp / name, records)]
+
+
+def existing_default_out(tmp):
+    write_file(tmp / "Qwen2-VL-2B-Instruct-mgvq-2bit" / "x", "keep")   # an earlier run's folder
+    return ["--model", "qwen2-vl-2b"]
+
+
+BAD_INPUT = [  # (what, args made in a fresh folder, words of the one-sentence error)
+    ("array-missing-image", lambda t: bad_llava(t, [llava_record("nope.png")]), "record 1 (id 0): the image"),
+    ("array-broken", lambda t: bad_llava(t, '[{"image": "a.png",\n'), "is not a valid JSON array"),
+    ("array-empty", lambda t: bad_llava(t, []), "holds no records"),
+    ("jsonl-bad-line", lambda t: bad_llava(t, json.dumps(llava_record()) + "\n{oops\n", "c.jsonl"),
+     "line 2 is not valid JSON"),
+    ("no-conversations", lambda t: bad_llava(t, [{"image": "a.png"}]), "has no conversations"),
+    ("no-answer-turn", lambda t: bad_llava(t, [{"conversations": [{"from": "human", "value": "hi"}]}]),
+     "no human turn followed by a gpt turn"),
+    ("two-images", lambda t: bad_llava(t, [llava_record(["a.png", "a.png"])]), "must be one path"),
+    ("not-an-image", lambda t: bad_llava(t, [llava_record("calib.json")]), "missing or unreadable"),
+    ("coco-no-annotations", lambda t: bad_llava(t, coco(captions=())), "holds no captions"),
+    ("coco-unknown-image", lambda t: bad_llava(t, coco(captions=((7, "x"),))), "image id 7 is not among"),
+    ("coco-missing-file", lambda t: bad_llava(t, coco(images=((1, "gone.jpg"),))), "missing or unreadable"),
+    ("no-image-folder", lambda t: bad_llava(t, [llava_record()]) + ["--image-folder", str(t / "nope")],
+     "image folder"),
+    ("no-calib-file", lambda t: ["--calib", str(t / "nope.json")], "does not exist"),
+    ("out-unwritable", lambda t: ["--out", "/proc/forbidden"], "cannot write into /proc"),
+    ("out-under-a-file", lambda t: ["--out", write_file(t / "file", "") + "/out"], "cannot write into"),
+    ("out-not-empty", lambda t: ["--out", str(Path(write_file(t / "full" / "x", "keep")).parent)], "already exists"),
+    ("default-out-exists", lambda t: existing_default_out(t), "already exists"),
+    ("out-and-no-save", lambda t: ["--out", str(t / "q"), "--no-save"], "opposite"),
+    ("unknown-method", lambda t: ["--method", "awq"], "--method must be"),
+    ("d-3", lambda t: ["--d", "3"], "--d must be"),
+    ("alpha-not-a-number", lambda t: ["--alpha", "big"], "invalid float value"),
+    ("nsamples-0", lambda t: ["--nsamples", "0"], "--nsamples must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("make, words", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_fails_up_front_in_one_sentence(make, words, tmp_path, monkeypatch, capsys):
+    """Each bad input: one sentence on stderr, exit status 2, no traceback, before the model loads (loading
+    fails the test), and the folder exactly as it was (no temporary output folder left behind)."""
+    monkeypatch.chdir(tmp_path)
+    args = make(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    for loader in ("load_model", "random_init_model"):
+        monkeypatch.setattr(E, loader, lambda *a, **k: pytest.fail("the model was loaded"))
+    assert mgvq.main(args + ["--eval-n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.strip().count("\n") == 0, err
+    assert "Traceback" not in err and sorted(tmp_path.rglob("*")) == before
