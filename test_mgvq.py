@@ -268,6 +268,14 @@ def test_testbed_answers_match_the_scene():
     assert kinds == set(E.TB_KINDS)
 
 
+def test_the_background_shows_each_cell_apart():
+    image = E.tb_draw([], random.Random(0))                         # no objects: the background alone
+    cell = E.TB_IMAGE // E.TB_GRID
+    corners = {image.getpixel((c * cell + 1, r * cell + 1)) for r in range(E.TB_GRID) for c in range(E.TB_GRID)}
+    assert len(corners) == E.TB_GRID ** 2 and image.getpixel((cell + 1, 2 * cell + 1)) == E.cell_tint(2, 1)
+    assert all(min(px) >= 220 for px in corners)                    # faint: no object colour is that light
+
+
 def test_referent_cells_mark_raster_positions():
     objs = [E.Obj("circle", "red", "small", 0, 3), E.Obj("square", "blue", "large", 2, 1)]
     assert E.referent_cells(objs).nonzero().flatten().tolist() == [3, 9]   # row * 4 + col
