@@ -2,13 +2,17 @@
 
 A linear y = x Wᵀ + bias, W (m, n), is stored as vector-quantized column groups:
   - a VQ vector is d consecutive input columns of one row; columns are cut into groups of `group_size`;
-  - column group g has b_g bits per weight (mixed precision), so K_g = 2**(b_g·d) codewords of length d;
+  - column group g has b_g bits per weight (mixed precision), so a VQ index has b_g·d bits: it names one of the
+    2**(b_g·d) codewords of length d of a joint codebook, or, for the bit-widths listed in `per_coordinate`,
+    coordinate e takes bits [e·b_g, (e+1)·b_g) of the index and names one of 2**b_g values of a scalar
+    codebook of its own (the codewords are every combination: a product codebook of d scalar ones);
   - rows are cut into tiles of tile_rows[b] rows; one int8 codebook + one fp16 scale per (row tile × column group);
   - codeword value = scale · int8.
 Saved buffers, per distinct bit-width b (G_b groups with b bits, R_b = m // tile_rows[b] row tiles):
   groups_{b}   int32 (G_b,)                ids of the column groups with b bits, ascending
   codes_{b}    uint8 (m, G_b·gs·b/8)       per row, the G_b·gs/d indices bit-packed LSB-first
-  codebook_{b} int8  (R_b, G_b, K_b, d)
+  codebook_{b} int8  (R_b, G_b, K_b, d)      joint: K_b = 2**(b·d), codeword k = [k, :];
+                                            per coordinate: K_b = 2**b, coordinate e of index k = [(k >> e·b) % K_b, e]
   scale_{b}    fp16  (R_b, G_b)
 This file imports torch only (the benchmark's whole-model figure imports transformers inside `bench_decode`).
 `dequantize` + `F.linear` is the plain reference; the fast path (repack once, then compiled kernels) is below it.
@@ -67,7 +71,8 @@ class VQLinear(nn.Module):
     """y = x Wᵀ + bias with W stored as VQ codes (see the module docstring for the saved format)."""
 
     def __init__(self, in_features: int, out_features: int, d: int, group_size: int,
-                 group_bits: list[int], tile_rows: dict[int, int], bias: bool, dtype=torch.float32):
+                 group_bits: list[int], tile_rows: dict[int, int], bias: bool, dtype=torch.float32,
+                 per_coordinate: list[int] = ()):
         super().__init__()
         m, n, gs = out_features, in_features, group_size
         dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -78,11 +83,13 @@ class VQLinear(nn.Module):
         self.in_features, self.out_features, self.d, self.group_size = n, m, d, gs
         self.group_bits, self.tile_rows, self.dtype = group_bits, tile_rows, dtype
         self.bits = sorted(set(group_bits))
+        self.per_coordinate = sorted(int(b) for b in per_coordinate)     # saved before this field: none
+        assert set(self.per_coordinate) <= set(self.bits), f"per_coordinate {self.per_coordinate} not in {self.bits}"
         for b in self.bits:
             T = tile_rows[b]
             assert m % T == 0, f"tile_rows[{b}] = {T} must divide m = {m}"
             assert (gs * b) % 8 == 0, f"group_size·b = {gs}·{b} must be a multiple of 8"
-            G, K = group_bits.count(b), 2 ** (b * d)
+            G, K = group_bits.count(b), 2 ** (b if b in self.per_coordinate else b * d)
             self.register_buffer(f"groups_{b}", torch.zeros(G, dtype=torch.int32))
             self.register_buffer(f"codes_{b}", torch.zeros(m, G * gs * b // 8, dtype=torch.uint8))
             self.register_buffer(f"codebook_{b}", torch.zeros(m // T, G, K, d, dtype=torch.int8))
@@ -99,7 +106,10 @@ class VQLinear(nn.Module):
         m, nv = indices.shape
         gs, V = group_size, group_size // d                        # V vectors per row per group
         assert len(codebooks) == len(scales) == len(group_bits) == nv // V, "one codebook/scale per column group"
-        layer = cls(nv * d, m, d, gs, group_bits, tile_rows, bias is not None, dtype)
+        per_coordinate = {b for b, cb in zip(group_bits, codebooks) if cb.shape[1] != 2 ** (b * d)}
+        assert all(cb.shape[1] == 2 ** b for b, cb in zip(group_bits, codebooks) if b in per_coordinate), \
+            "a codebook holds 2**(b·d) codewords (joint) or 2**b values per coordinate"
+        layer = cls(nv * d, m, d, gs, group_bits, tile_rows, bias is not None, dtype, sorted(per_coordinate))
         for b in layer.bits:
             gids = [g for g, bg in enumerate(group_bits) if bg == b]
             idx = indices.reshape(m, nv // V, V)[:, gids].reshape(m, len(gids) * V)  # (m, G_b·V) slot-major
@@ -118,7 +128,7 @@ class VQLinear(nn.Module):
         return dict(in_features=self.in_features, out_features=self.out_features, d=self.d,
                     group_size=self.group_size, group_bits=list(self.group_bits),
                     tile_rows={str(b): t for b, t in self.tile_rows.items()}, bias=self.bias is not None,
-                    dtype=str(self.dtype).removeprefix("torch."))
+                    dtype=str(self.dtype).removeprefix("torch."), per_coordinate=list(self.per_coordinate))
 
     def storage_bits(self) -> dict:
         """Bits held by the buffers (bias excluded); bits/weight = (index + codebook + scale) / weights."""
@@ -140,7 +150,11 @@ class VQLinear(nn.Module):
             idx = unpack_codes(getattr(self, f"codes_{b}"), b * d, G * V).reshape(m, G, V)  # (m, G, V)
             cb = getattr(self, f"codebook_{b}").float() * getattr(self, f"scale_{b}").float()[:, :, None, None]
             tile = torch.arange(m, device=idx.device) // T                                    # (m,) row -> tile
-            w = cb[tile[:, None, None], torch.arange(G, device=idx.device)[None, :, None], idx]  # (m, G, V, d)
+            at = tile[:, None, None], torch.arange(G, device=idx.device)[None, :, None]
+            if b in self.per_coordinate:                                # coordinate e: bits [e·b, (e+1)·b)
+                w = torch.stack([cb[*at, (idx >> (e * b)) % 2**b, e] for e in range(d)], -1)  # (m, G, V, d)
+            else:
+                w = cb[*at, idx]                                                              # (m, G, V, d)
             W[:, groups] = w.reshape(m, G, gs)
         return W.reshape(m, n).to(self.dtype)
 
@@ -149,7 +163,8 @@ class VQLinear(nn.Module):
         if self._fast is None:
             self._fast = [repack_part(getattr(self, f"codes_{b}"), getattr(self, f"codebook_{b}"),
                                       getattr(self, f"scale_{b}"), getattr(self, f"groups_{b}"), self.d,
-                                      self.group_size, self.tile_rows[b], b) for b in self.bits]
+                                      self.group_size, self.tile_rows[b], b, b in self.per_coordinate)
+                          for b in self.bits]
         return self._fast
 
     def _apply(self, fn, *args, **kwargs):
@@ -174,7 +189,7 @@ class VQLinear(nn.Module):
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, d={self.d}, gs={self.group_size}, "
-                f"bits={self.bits}, tile_rows={self.tile_rows}")
+                f"bits={self.bits}, tile_rows={self.tile_rows}, per_coordinate={self.per_coordinate}")
 
 
 # --- repacking for the fast path
@@ -195,7 +210,13 @@ class VQLinear(nn.Module):
 #     2-bit d=2 (8960 × 1536 / 1536² / 3840 × 1280): 1.21 / 0.26 / 0.47 ms with all C bytes in one run,
 #     0.93 / 0.21 / 0.37 in planes of 8 or 4, and 1.05 / 0.22 / 0.70 in planes of 1 (32 runs of 16 bytes).
 #   - larger codebooks (3-bit d=2: K = 64; 2-bit d=4: K = 256) keep a gather, of one int32 that holds up to 4
-#     weights: p consecutive codewords read as one super-index into the tile's product codebook.
+#     weights: p consecutive codewords read as one super-index into the tile's product codebook. That is 2.7x
+#     slower than a tree (1536², 1 token, one thread: 3-bit d=2 joint 1.28 ms, per coordinate 0.48 ms), so
+#     `--method mgvq` gives a group whose index is longer than 4 bits a scalar codebook per coordinate
+#     (`--joint-bits`), which repack_part lays out as d scalar parts of K = 2**b: at `--bits 2` and `--bits 3`
+#     (groups of 1 to 4 bits) every part it emits is a tree; 5-bit groups (`--bits 4`, mixed) are gathered.
+#   - all the parts of a layer (one per bit-width) are decoded by one compiled call (`decode_parts`): a call
+#     costs 15-35 µs of guards, wrapper and allocation whatever its size, once per layer instead of once a part.
 # The fast path covers d ≤ 4 (what mgvq.py makes); a layer with d > 4 runs the reference.
 
 PLANE_BYTES = 8      # index bytes of a row block stored together (see above)
@@ -234,8 +255,26 @@ def _dynamic(*ts):
     return ts
 
 
-def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_rows: int, b: int) -> dict:
-    """One bit-width's saved buffers -> the fast path's tensors:
+def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_rows: int, b: int,
+                per_coordinate: bool = False) -> dict:
+    """One bit-width's saved buffers -> the fast path's tensors (see _repack). A part with a scalar codebook per
+    coordinate is repacked as d scalar (d = 1) parts side by side: coordinate e of column group g becomes a
+    group of its own, of the columns g·group_size + e + d·v, with codebook[..., e] and the group's scale."""
+    base = groups.long() * group_size                                      # first input column of each group
+    if not per_coordinate:
+        return _repack(codes, codebook, scale, base, d, d, group_size // d, tile_rows, b * d)
+    m, (R, G, K, _) = codes.shape[0], codebook.shape
+    V = group_size // d
+    idx = unpack_codes(codes, b * d, G * V).reshape(m, G, V)
+    digits = torch.stack([(idx >> (e * b)) % K for e in range(d)], 2)      # (m, G, d, V)
+    return _repack(pack_codes(digits.reshape(m, G * d * V), b), codebook.permute(0, 1, 3, 2).reshape(R, G * d, K, 1),
+                   scale.repeat_interleave(d, 1), (base[:, None] + torch.arange(d, device=base.device)).reshape(-1),
+                   d, 1, V, tile_rows, b)
+
+
+def _repack(codes, codebook, scale, base, stride: int, d: int, V: int, tile_rows: int, B: int) -> dict:
+    """The fast path's tensors of G groups of V indices of B bits, codewords of length d; index v of group g
+    stands for input columns base[g] + stride·v + (0 .. d-1):
       S    (NB, G, C/Cl, Cl, Rb) uint8 (int16/int32 past 8 bits)  p indices per byte; blocks of Rb rows, C = V / p
            bytes per group, in planes of Cl = gcd(C, PLANE_BYTES): a view of (C/Cl, NB, G, Cl, Rb) memory
       P    select: (NB, G, K, L) int32 codeword k, h times over (L = 1: shared by the block's rows; L = Rb: per row)
@@ -243,7 +282,7 @@ def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_ro
       s    (NB, G, L) fp32 scales;  cols (Q, G, C) the input column of weight q of byte c of group g, Q = p·d
       code (B, p, d) ints: index bits, indices per byte, vector length."""
     m, (R, G, K, _) = codes.shape[0], codebook.shape
-    B, V, dev = b * d, group_size // d, codes.device
+    dev = codes.device
     tree = B <= SELECT_MAX_BITS                                            # select tree, else gather
     p = _per_index(B, V, most=8) if tree else _per_index(B, V, most=max(1, 4 // d))
     C, Q = V // p, p * d
@@ -264,8 +303,9 @@ def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_ro
     else:
         digits = (torch.arange(K**p, device=dev)[:, None] >> (B * torch.arange(p, device=dev))) & (K - 1)
         P, s = pack_fields(codebook[:, :, digits].reshape(R, G, K**p, Q), 8), s[..., None]  # codeword j = digit j
-    cols = (groups.long()[:, None] * group_size + torch.arange(C, device=dev) * Q
-            + torch.arange(Q, device=dev)[:, None, None])                   # (Q, G, C)
+    q = torch.arange(Q, device=dev)                                         # weight q = j·d + e of a byte
+    v = torch.arange(C, device=dev)[:, None] * p + q // d                   # (C, Q): the index it belongs to
+    cols = (base[:, None, None] + stride * v + q % d).permute(2, 0, 1)      # (Q, G, C)
     S, P, s = _dynamic(S, P.contiguous(), s.contiguous())
     return dict(S=S, P=P, s=s, cols=cols, code=(B, p, d))
 
@@ -398,17 +438,24 @@ def _compiled_fn(name: str, fn):
     return _compiled[name]
 
 
+def decode_parts(xgs: list, Ss: list, Ps: list, ss: list, codes: list) -> torch.Tensor:
+    """y (T, m) = Σ over the bit-widths' parts of decode_part: compiled as one call, so that a mixed-precision
+    layer pays the compiled call's fixed cost (~15-35 µs: guards, wrapper, allocation) once, not once a part."""
+    y = None
+    for xg, S, P, s, code in zip(xgs, Ss, Ps, ss, codes):
+        yq = decode_part(xg, S, P, s, *code)
+        y = yq if y is None else y + yq
+    return y
+
+
 def decode_matmul(x: torch.Tensor, parts: list[dict]) -> torch.Tensor:
-    """y (T, m) fp32 = x Wᵀ for few tokens: chunks of at most DECODE_TOKENS, one decode call per bit-width, summed."""
-    decode, ys = _compiled_fn("decode", decode_part), []
+    """y (T, m) fp32 = x Wᵀ for few tokens: chunks of at most DECODE_TOKENS, all bit-widths in one decode call."""
+    decode, ys = _compiled_fn("decode", decode_parts), []
     for xc in (x,) if x.shape[0] <= DECODE_TOKENS else x.split(DECODE_TOKENS):
-        y = None
-        for q in parts:
-            xg = part_inputs(xc, q).float()                                # (t, Q, G, C)
+        xgs = [part_inputs(xc, q).float() for q in parts]                  # (t, Q, G, C) each
+        for xg in xgs:
             torch._dynamo.maybe_mark_dynamic(xg, 2)                        # G varies; the token count stays fixed
-            yq = decode(xg, q["S"], q["P"], q["s"], *q["code"])            # (t, m)
-            y = yq if y is None else y + yq
-        ys.append(y)
+        ys.append(decode(xgs, *([q[k] for q in parts] for k in ("S", "P", "s", "code"))))   # (t, m)
     return ys[0] if len(ys) == 1 else torch.cat(ys)
 
 
@@ -437,16 +484,48 @@ def vq_linear(x: torch.Tensor, layer: "VQLinear") -> torch.Tensor:
 # --- benchmark: python kernels.py --bench [--quick] [--shapes 1536x1536,...] [--tokens 1,4,16,256]
 SHAPES = {"lm": [(1536, 1536), (8960, 1536), (1536, 8960)],                # (out, in) of Qwen2-VL-2B
           "vision": [(3840, 1280), (5120, 1280), (1280, 5120)]}
-VARIANTS = {"2bit-d2": (2, [2], {2: 16}),                                   # d, group bits (cycled), tile rows
-            "mixed123-d2": (2, [2, 1, 2, 3], {1: 8, 2: 16, 3: 64}),
-            "2bit-d4": (4, [2], {2: 64})}
 
 
-def random_layer(m, n, d, pattern, tile_rows, dtype=torch.float32, device="cpu", group_size=128, bias=False):
+def mix_pattern(counts: dict, length: int = 16) -> list[int]:
+    """A cycle of `length` group bit-widths in the proportions of counts {bits: groups}, spread evenly."""
+    total = sum(counts.values())
+    n = {b: round(length * c / total) for b, c in counts.items()}
+    n[max(n, key=n.get)] += length - sum(n.values())                     # rounding: the commonest takes the rest
+    slots = sorted((( i + 0.5) / k, b) for b, k in n.items() for i in range(k))
+    return [b for _, b in slots]
+
+
+def mgvq_variant(path=None) -> dict:
+    """The layout `--method mgvq --bits 2` emits: its mix of 1-, 2- and 3-bit weights, read from a saved run's
+    mgvq.json (all its quantized layers together, each group weighed by its rows), or by default MGVQ_MIX; the
+    tile rows and codebook kind per bit-width are those mgvq.py chooses (mgvq.tile_rows_for at its defaults)."""
+    counts = dict(MGVQ_MIX)
+    if path:
+        import json
+        counts = {}
+        for layout in json.loads(open(path).read())["layouts"].values():
+            for b in layout["group_bits"]:
+                counts[b] = counts.get(b, 0) + layout.get("out_features", 1)
+    return dict(d=2, bits=mix_pattern(counts), tile_rows={1: 4, 2: 16, 3: 8}, per_coordinate=[3])
+
+
+# weights (rows x 128-column groups) per bit-width of `python mgvq.py --model testbed --method mgvq --bits 2`
+# (seed 0, 2026-12-02): 36 % at 1 bit, 28 % at 2 bits, 36 % at 3 bits
+MGVQ_MIX = {1: 13312 * 128, 2: 10240 * 128, 3: 13312 * 128}
+VARIANTS = {"2bit-d2": dict(d=2, bits=[2], tile_rows={2: 16}),            # bits: group bit-widths, cycled
+            "mgvq": mgvq_variant(),
+            "mixed123-d2": dict(d=2, bits=[2, 1, 2, 3], tile_rows={1: 8, 2: 16, 3: 64}),   # joint 3-bit: 64 codewords
+            "2bit-d4": dict(d=4, bits=[2], tile_rows={2: 64})}
+
+
+def random_layer(m, n, d, bits, tile_rows, dtype=torch.float32, device="cpu", group_size=128, bias=False,
+                 per_coordinate=()):
     """A VQLinear of the given layout filled with random bytes (every byte string is a valid index stream)."""
+    pattern = bits
     bits = [pattern[g % len(pattern)] for g in range(n // group_size)]
-    tile_rows = {b: math.gcd(t, m) for b, t in tile_rows.items()}        # a tile-row count that divides m
-    layer = VQLinear(n, m, d, group_size, bits, tile_rows, bias, dtype).to(device)
+    tile_rows = {b: math.gcd(t, m) for b, t in tile_rows.items() if b in bits}   # a tile-row count that divides m
+    per_coordinate = [b for b in per_coordinate if b in bits]
+    layer = VQLinear(n, m, d, group_size, bits, tile_rows, bias, dtype, per_coordinate).to(device)
     for b in layer.bits:
         getattr(layer, f"groups_{b}").copy_(torch.tensor([g for g, c in enumerate(bits) if c == b]))
         getattr(layer, f"codes_{b}").random_(0, 256)
@@ -492,8 +571,7 @@ def bench_layers(shapes, tokens, variants, device, dtype, cold_bytes):
         W = torch.randn(m, n, device=device, dtype=dtype)
         Ws = [W.clone() for _ in range(max(2, cold_bytes // W.nbytes))]
         for name in variants:
-            d, pattern, tile_rows = VARIANTS[name]
-            layers, vq_bytes = _copies(random_layer(m, n, d, pattern, tile_rows, dtype, device), cold_bytes)
+            layers, vq_bytes = _copies(random_layer(m, n, **VARIANTS[name], dtype=dtype, device=device), cold_bytes)
             for T in tokens:
                 x = torch.randn(T, n, device=device, dtype=dtype)
                 dc = _ms(lambda w: F.linear(x, w), Ws, sync)
@@ -523,13 +601,12 @@ def qwen2vl_2b_config():
 
 def quantize_decoder_(model, variant="2bit-d2"):
     """Replace every nn.Linear of the decoder layers by a random VQLinear of the same shape (in place)."""
-    d, pattern, tile_rows = VARIANTS[variant]
     for layer in model.model.language_model.layers:
         for parent in list(layer.modules()):
             for name, lin in list(parent.named_children()):
                 if isinstance(lin, nn.Linear):
-                    vq = random_layer(lin.out_features, lin.in_features, d, pattern, tile_rows,
-                                      lin.weight.dtype, lin.weight.device, bias=lin.bias is not None)
+                    vq = random_layer(lin.out_features, lin.in_features, **VARIANTS[variant], dtype=lin.weight.dtype,
+                                      device=lin.weight.device, bias=lin.bias is not None)
                     if lin.bias is not None:
                         vq.bias.copy_(lin.bias)
                     setattr(parent, name, vq)
@@ -546,7 +623,8 @@ def decode_tok_s(model, new_tokens, prompt_len=8):
     return (new_tokens - 1) / ((t2 - t1) - (t1 - t0))
 
 
-def bench_decode(device, dtype, new_tokens, variant="2bit-d2", toy_dir="toy"):
+def bench_decode(device, dtype, new_tokens, variants=("2bit-d2",), toy_dir="toy"):
+    """Greedy decode tok/s, dense and then each VQ layout in every decoder linear (a fresh model each)."""
     from transformers import Qwen2VLForConditionalGeneration
     out = []
     models = [("qwen2-vl-2b-size random", lambda: Qwen2VLForConditionalGeneration(qwen2vl_2b_config()))]
@@ -556,13 +634,19 @@ def bench_decode(device, dtype, new_tokens, variant="2bit-d2", toy_dir="toy"):
         print(f"(no {toy_dir}/ folder: the toy model is skipped)")
     for name, build in models:
         t0 = time.perf_counter()
+        torch.manual_seed(0)
         model = build().to(device=device, dtype=dtype).eval()
         dense = decode_tok_s(model, new_tokens)
-        vq = decode_tok_s(quantize_decoder_(model, variant), new_tokens)
-        out.append(dict(model=name, variant=variant, dense_tok_s=round(dense, 2), vq_tok_s=round(vq, 2),
-                        speedup=round(vq / dense, 3)))
-        print(f"decode {name}: dense {dense:.2f} tok/s, VQ {variant} {vq:.2f} tok/s ({vq / dense:.2f}x)"
-              f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        for i, variant in enumerate(variants):
+            if i:
+                del model
+                torch.manual_seed(0)
+                model = build().to(device=device, dtype=dtype).eval()
+            vq = decode_tok_s(quantize_decoder_(model, variant), new_tokens)
+            out.append(dict(model=name, variant=variant, dense_tok_s=round(dense, 2), vq_tok_s=round(vq, 2),
+                            speedup=round(vq / dense, 3)))
+            print(f"decode {name}: dense {dense:.2f} tok/s, VQ {variant} {vq:.2f} tok/s ({vq / dense:.2f}x)"
+                  f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
         del model
     return out
 
@@ -572,16 +656,23 @@ def main():
     import json
     ap = argparse.ArgumentParser(description="VQLinear fast path vs dense F.linear")
     ap.add_argument("--bench", action="store_true", help="run the benchmark (the default action)")
-    ap.add_argument("--quick", action="store_true", help="LM shapes, 2bit-d2, tokens 1 and 256, no decode")
+    ap.add_argument("--quick", action="store_true", help="LM shapes, 2bit-d2 and mgvq, tokens 1 and 256, no decode")
     ap.add_argument("--shapes", default=None, help="e.g. 1536x1536,8960x1536 (out x in)")
     ap.add_argument("--tokens", default="1,4,16,256")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--new-tokens", type=int, default=24, help="greedy tokens for the whole-model decode figure")
-    ap.add_argument("--decode-variant", default="2bit-d2", choices=list(VARIANTS),
-                    help="the layout every decoder linear gets for the whole-model decode figure")
+    ap.add_argument("--decode-variant", default="2bit-d2,mgvq",
+                    help="the layouts every decoder linear gets for the whole-model decode figure, comma-separated")
+    ap.add_argument("--mgvq-json", default=None,
+                    help="the mgvq variant's bit mix from this saved run's mgvq.json (default: the README's run)")
     ap.add_argument("--no-layers", action="store_true", help="only the whole-model decode figure")
+    ap.add_argument("--no-decode", action="store_true", help="only the layer figures")
     ap.add_argument("--cold-mb", type=int, default=512, help="distinct weight copies cycled for the cold figure")
     args = ap.parse_args()
+    VARIANTS["mgvq"] = mgvq_variant(args.mgvq_json)
+    for v in args.variants.split(",") + args.decode_variant.split(","):
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32         # CPU bf16 matmul is slow: fp32 there
     if device == "cuda":                                                   # as gpt-fast does
@@ -589,13 +680,13 @@ def main():
     shapes = SHAPES["lm"] + SHAPES["vision"]
     tokens, variants = [int(t) for t in args.tokens.split(",")], args.variants.split(",")
     if args.quick:
-        shapes, tokens, variants = SHAPES["lm"], [1, 256], ["2bit-d2"]
+        shapes, tokens, variants = SHAPES["lm"], [1, 256], ["2bit-d2", "mgvq"]
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, {dtype}, torch {torch.__version__}, cold = cycling {args.cold_mb} MB of copies")
     results = [] if args.no_layers else bench_layers(shapes, tokens, variants, device, dtype, args.cold_mb << 20)
-    decode = [] if args.quick else bench_decode(device, dtype, args.new_tokens, args.decode_variant)
+    decode = [] if args.quick or args.no_decode else bench_decode(device, dtype, args.new_tokens, args.decode_variant.split(","))
     print(json.dumps(dict(device=name, results=results, decode=decode)))
 
 

@@ -58,6 +58,8 @@ class Config:
     kmeans_iters: int = 25
     trial_iters: int = 6               # k-means iterations of the quick trial VQ (sensitivity)
     codebook_overhead: float = 0.2     # codebook + scale bits per weight allowed when choosing tile rows
+    joint_bits: int | None = None      # a group whose index has more bits (b*d) gets a scalar codebook per
+                                       # coordinate (mgvq: 4, so 3-bit d=2 groups have 2 x 8 entries, not 64)
     qig_steps: int = 8
     teacher_topk: int = 64
     quantize_vision: bool = False
@@ -72,10 +74,10 @@ class Config:
 
 # What each --method switches on; an explicit flag overrides its row (the ablation flips one at a time).
 METHODS = {
-    "rtn":   dict(d=1, group_size=256, alloc="uniform", grad=False, token_weights="none", feedback="none"),
-    "gptq":  dict(d=1, group_size=256, alloc="uniform", grad=False, token_weights="none", feedback="ldl"),
-    "gptvq": dict(d=2, group_size=128, alloc="uniform", grad=False, token_weights="none", feedback="diag"),
-    "mgvq":  dict(d=2, group_size=128, alloc="sensitivity", grad=True, token_weights="qig", feedback="ldl"),
+    "rtn":   dict(d=1, group_size=256, alloc="uniform", grad=False, token_weights="none", feedback="none", joint_bits=12),
+    "gptq":  dict(d=1, group_size=256, alloc="uniform", grad=False, token_weights="none", feedback="ldl", joint_bits=12),
+    "gptvq": dict(d=2, group_size=128, alloc="uniform", grad=False, token_weights="none", feedback="diag", joint_bits=12),
+    "mgvq":  dict(d=2, group_size=128, alloc="sensitivity", grad=True, token_weights="qig", feedback="ldl", joint_bits=4),
 }
 
 
@@ -92,6 +94,8 @@ def resolve(cfg: Config) -> Config:
         raise ValueError(f"--d must be 1, 2 or 4 and divide --group-size ({cfg.group_size}), not {cfg.d}")
     if cfg.bits * cfg.d > 12:
         raise ValueError(f"codebooks of 2^(bits*d) = 2^{cfg.bits * cfg.d} codewords are too large")
+    if not 1 <= cfg.joint_bits <= 12:
+        raise ValueError(f"--joint-bits must be an integer from 1 to 12, not {cfg.joint_bits}")
     scalar = cfg.method in ("rtn", "gptq")
     if scalar and cfg.d != 1:
         raise ValueError(f"--method {cfg.method} is scalar: it needs --d 1")
@@ -125,12 +129,20 @@ def bit_choices(cfg: Config) -> list[int]:
     return [b for b in (cfg.bits - 1, cfg.bits, cfg.bits + 1) if 1 <= b and b * cfg.d <= 12]
 
 
-def tile_rows_for(m: int, bits: int, d: int, group_size: int, overhead: float) -> int:
+def per_coordinate(bits: int, d: int, joint_bits: int) -> bool:
+    """Whether a group of this bit-width gets d scalar codebooks of 2^bits values (their product is its
+    codebook) instead of one joint codebook of 2^(bits*d) codewords: when its index is longer than joint_bits.
+    Our choice for mgvq (README): the joint codebooks of 3-bit d = 2 have 64 codewords, which the fast kernel can
+    only gather (slow on CPU); 16 or fewer it decodes in registers. gptvq keeps GPTVQ's joint codebooks."""
+    return d > 1 and bits * d > joint_bits
+
+
+def tile_rows_for(m: int, bits: int, d: int, group_size: int, overhead: float, joint_bits: int = 12) -> int:
     """Rows sharing one codebook: the smallest power of two t (dividing m) whose codebook
-    (K*d int8 + one fp16 scale) costs at most `overhead` bits per weight. Scalar grids: one row."""
+    (K*d int8 + one fp16 scale, K its stored entries) costs at most `overhead` bits per weight. Scalar grids: one row."""
     if d == 1:
         return 1
-    K, t = 2 ** (bits * d), 1
+    K, t = 2 ** (bits if per_coordinate(bits, d, joint_bits) else bits * d), 1
     while (K * d * 8 + 16) / (group_size * t) > overhead and t < m and m % (2 * t) == 0:
         t *= 2
     return t
@@ -411,6 +423,37 @@ def sample_rows(prob: torch.Tensor, gen) -> torch.Tensor:
     return torch.searchsorted(cdf, u).clamp_max(prob.shape[1] - 1)[:, 0]
 
 
+def codewords(Cq: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
+    """All K codewords (R, K, d) of stored int8 codebooks Cq (R, Kc, d) and scales (R,): Cq itself when it is
+    joint (Kc = K), else every combination of its per-coordinate values, coordinate e of codeword k being
+    Cq[(k >> e*b) % Kc, e] with b = log2 Kc (K = Kc^d)."""
+    R, Kc, d = Cq.shape
+    C = Cq.float() * scale[:, None, None]
+    if Kc == K:
+        return C
+    b, k = Kc.bit_length() - 1, torch.arange(K, device=Cq.device)
+    return torch.stack([C[:, (k >> (e * b)) % Kc, e] for e in range(d)], -1)
+
+
+def per_coordinate_digits(codes: torch.Tensor, Kc: int, K: int, d: int) -> torch.Tensor:
+    """codes (...) -> (..., d): the entry of the stored codebook that coordinate e of each codeword reads."""
+    if Kc == K:
+        return codes[..., None].expand(*codes.shape, d)
+    b = Kc.bit_length() - 1
+    return torch.stack([(codes >> (e * b)) % Kc for e in range(d)], -1)
+
+
+def fit_codebook(X, D, s, bits: int, joint_bits: int, iters: int, gen) -> torch.Tensor:
+    """The float codebooks of a group's tiles as stored: weighted k-means of the vectors (kmeans), either
+    joint (R, 2^(bits*d), d) or, per_coordinate, one 1-D k-means per coordinate under the diagonal of the
+    metric (R, 2^bits, d). The sweep then picks among all combinations under the full block metric."""
+    d = X.shape[-1]
+    if not per_coordinate(bits, d, joint_bits):
+        return kmeans(X, D, s, 2 ** (bits * d), iters, gen)
+    return torch.cat([kmeans(X[..., e:e + 1], D[..., e:e + 1, e:e + 1], s, 2 ** bits, iters, gen)
+                      for e in range(d)], -1)
+
+
 def int8_codebook(C: torch.Tensor):
     """Store codewords as int8 with one fp16 scale per codebook: C ~ scale * Cq. C (R, K, d)."""
     scale = (C.abs().amax(dim=(1, 2)) / 127).clamp_min(1e-8).half().float()     # (R,) exactly an fp16
@@ -474,7 +517,8 @@ def vq_sweep(Wt, U, D, group_bits, group_size: int, tile_rows: dict, fit, feedba
     """Quantize the d-column blocks first to last; block k goes to the codeword nearest to its error-fed target
         T_k = W~_k + sum_{j<k} (W~_j - Q_j) U_jk        (METHOD 3c; H = U D U^T, U unit block-upper)
     under the block metric D_k (feedback 'diag': only its diagonal, GPTVQ's shortcut; 'none': no feedback).
-    A group's codebooks are fit by `fit(X, D, K)` when the sweep reaches it, on the error-fed targets.
+    A group's codebooks are fit by `fit(X, D, K)` when the sweep reaches it, on the error-fed targets (joint,
+    or per coordinate: see `codewords`).
     Wt (m, n) -> codes (m, n/d), Q (m, n), int8 codebooks and scales, one per column group."""
     m, n = Wt.shape
     d = D.shape[-1]
@@ -490,7 +534,7 @@ def vq_sweep(Wt, U, D, group_bits, group_size: int, tile_rows: dict, fit, feedba
         tr = tile_rows[b]
         R = m // tr
         Cq, sc = fit(T[:, c0:c1].reshape(R, tr, P, d), metric[c0 // d:c1 // d], 2 ** (b * d))
-        C = Cq.to(Wt.dtype) * sc[:, None, None]                               # (R, K, d) as stored
+        C = codewords(Cq, sc, 2 ** (b * d)).to(Wt.dtype)                      # (R, K, d) as stored
         books.append(Cq)
         scales.append(sc)
         for k in range(c0 // d, c1 // d):
@@ -505,11 +549,12 @@ def vq_sweep(Wt, U, D, group_bits, group_size: int, tile_rows: dict, fit, feedba
     return codes, Q, books, scales
 
 
-def dequant_group(codes_g, Cq, scale, tr: int):
-    """Q of one column group from its codes (m, P), int8 codebooks (R, K, d) and scales (R,) -> (m, P*d)."""
+def dequant_group(codes_g, Cq, scale, tr: int, K: int | None = None):
+    """Q of one column group from its codes (m, P), int8 codebooks (R, Kc, d) and scales (R,) -> (m, P*d).
+    K: the number of codewords (2^(b*d); default Kc, a joint codebook)."""
     m, P = codes_g.shape
-    R, K, d = Cq.shape
-    C = Cq.float() * scale[:, None, None]
+    R, Kc, d = Cq.shape
+    C = codewords(Cq, scale, K or Kc)
     return torch.gather(C, 1, codes_g.reshape(R, tr * P, 1).expand(R, tr * P, d)).reshape(m, P * d)
 
 
@@ -521,13 +566,14 @@ def refit_codebooks(Wt, H, s, codes, books, scales, group_bits, group_size: int,
     m, n = Wt.shape
     d = books[0].shape[-1]
     P = group_size // d
-    Q = torch.cat([dequant_group(codes[:, g * P:(g + 1) * P], books[g], scales[g], tile_rows[b])
+    Q = torch.cat([dequant_group(codes[:, g * P:(g + 1) * P], books[g], scales[g], tile_rows[b], 2 ** (b * d))
                    for g, b in enumerate(group_bits)], dim=1)
     for g, b in enumerate(group_bits):
-        c0, c1, tr, K = g * group_size, (g + 1) * group_size, tile_rows[b], 2 ** (b * d)
+        c0, c1, tr, K = g * group_size, (g + 1) * group_size, tile_rows[b], books[g].shape[1]   # K stored entries
         R = m // tr
         Y = s[:, None] * ((Wt - Q) @ H[:, c0:c1])                             # (m, gs) minus half the gradient
-        slot = (codes[:, g * P:(g + 1) * P, None] * d + torch.arange(d, device=Wt.device)).reshape(m, group_size)
+        digit = per_coordinate_digits(codes[:, g * P:(g + 1) * P], K, 2 ** (b * d), d)   # (m, P, d) entry read
+        slot = (digit * d + torch.arange(d, device=Wt.device)).reshape(m, group_size)
         Hgg = H[c0:c1, c0:c1]
         gram, rhs = [], []
         step = max(1, (1 << 22) // (tr * group_size * K * d))                 # tiles per chunk, bounded memory
@@ -543,7 +589,7 @@ def refit_codebooks(Wt, H, s, codes, books, scales, group_bits, group_size: int,
         step = torch.linalg.solve(gram + ridge * torch.eye(K * d, dtype=Wt.dtype, device=Wt.device), rhs)
         C = books[g].to(Wt.dtype) * scales[g][:, None, None] + step.reshape(R, K, d)
         Cq, sc = int8_codebook(C)
-        Qg = dequant_group(codes[:, g * P:(g + 1) * P], Cq, sc, tr)
+        Qg = dequant_group(codes[:, g * P:(g + 1) * P], Cq, sc, tr, 2 ** (b * d))
         delta = Qg - Q[:, c0:c1]                                              # change of this group's weights
         gain = 2 * (delta * Y).sum() - (s[:, None] * (delta @ Hgg) * delta).sum()
         if gain > 0:
@@ -559,9 +605,10 @@ def round_to(W, books, scales, group_bits, gs: int, tile_rows: dict, D):
     out = []
     for g, b in enumerate(group_bits):
         tr = tile_rows[b]
-        a = nearest(W[:, g * gs:(g + 1) * gs].reshape(m // tr, tr, P, d), books[g].float() * scales[g][:, None, None],
+        K = 2 ** (b * d)
+        a = nearest(W[:, g * gs:(g + 1) * gs].reshape(m // tr, tr, P, d), codewords(books[g], scales[g], K),
                     D[g * P:(g + 1) * P])                                     # (R, tr, P)
-        out.append(dequant_group(a.reshape(m, P), books[g], scales[g], tr))
+        out.append(dequant_group(a.reshape(m, P), books[g], scales[g], tr, K))
     return torch.cat(out, 1)
 
 
@@ -646,7 +693,7 @@ def line_search(model, lins: dict, shifts: dict, batches, teacher, kl0: float, t
 
 # --- sensitivity
 
-def trial_costs(W, h_diag, s, choices, group_size: int, d: int, tile_rows, iters: int, gen):
+def trial_costs(W, h_diag, s, choices, group_size: int, d: int, tile_rows, iters: int, gen, joint_bits: int = 12):
     """Local and global sensitivity of every column group G at every candidate bit-width b, from a quick
     trial VQ (k-means per tile under the diagonal input curvature, no feedback):
         local   D_G(b)  = sum_{i, j in G} H_I[j,j] (W - Q_b)_ij^2               how hard G is to quantize
@@ -663,8 +710,8 @@ def trial_costs(W, h_diag, s, choices, group_size: int, d: int, tile_rows, iters
         X = W.reshape(R, tr, ng, P, d).permute(2, 0, 1, 3, 4).reshape(ng * R, tr, P, d)   # every (group, tile)
         D = torch.diag_embed(h)[:, None].expand(ng, R, P, d, d).reshape(ng * R, P, d, d)  # diagonal metric
         rows = s.reshape(1, R, tr).expand(ng, R, tr).reshape(ng * R, tr)
-        Cq, sc = int8_codebook(kmeans(X, D, rows, 2 ** (b * d), iters, gen))
-        C = Cq.float() * sc[:, None, None]                                    # (ng R, K, d)
+        Cq, sc = int8_codebook(fit_codebook(X, D, rows, b, joint_bits, iters, gen))
+        C = codewords(Cq, sc, 2 ** (b * d))                                   # (ng R, K, d)
         a = nearest(X, C, D).reshape(ng * R, tr * P, 1)
         Q = C.gather(1, a.expand(-1, -1, d)).reshape(ng, R, tr, P, d)
         err = (X.reshape(ng, R, tr, P, d) - Q) ** 2 * h[:, None, None]       # (ng, R, tr, P, d)
@@ -766,8 +813,9 @@ def sensitivity_allocation(model, blocks, batches, cfg: Config, gen, log=print):
             m = W.shape[0]
             h_diag = (mw[0] * st["h"][0] + mw[1] * st["h"][1]) / float((mw.to(st["n"].device) * st["n"]).sum())
             s = st["o"] / n_pos                                               # s_i = H_O[i, i]
-            tr = lambda b, m=m: tile_rows_for(m, b, cfg.d, cfg.group_size, cfg.codebook_overhead)
-            local, glob = trial_costs(W, h_diag.float(), s.float(), choices, cfg.group_size, cfg.d, tr, cfg.trial_iters, gen)
+            tr = lambda b, m=m: tile_rows_for(m, b, cfg.d, cfg.group_size, cfg.codebook_overhead, cfg.joint_bits)
+            local, glob = trial_costs(W, h_diag.float(), s.float(), choices, cfg.group_size, cfg.d, tr,
+                                      cfg.trial_iters, gen, cfg.joint_bits)
             costs.append(glob)
             sizes += [m * cfg.group_size] * glob.shape[0]
             owners += [(name, g) for g in range(glob.shape[0])]
@@ -797,13 +845,15 @@ def quantize_linear(lin: nn.Linear, factors, G, shift, group_bits, cfg: Config, 
         s = H_Od.diagonal() / H_Od.diagonal().mean().clamp_min(1e-30)         # row weights diag(H_O)
         s = s.clamp_min(1e-3)
     U, D = sweep_factors(H, d)
-    tile_rows = {b: tile_rows_for(m, b, d, gs, cfg.codebook_overhead) for b in sorted(set(group_bits))}
+    tile_rows = {b: tile_rows_for(m, b, d, gs, cfg.codebook_overhead, cfg.joint_bits) for b in sorted(set(group_bits))}
     scalar = cfg.method in ("rtn", "gptq")
 
     def fit(X, Dm, K):                                                        # X (R, t, P, d)
         if scalar:
             return minmax_grid(X, K)
-        return int8_codebook(kmeans(X, Dm, s.reshape(X.shape[0], X.shape[1]), K, cfg.kmeans_iters, gen))
+        b = (K.bit_length() - 1) // X.shape[-1]
+        return int8_codebook(fit_codebook(X, Dm, s.reshape(X.shape[0], X.shape[1]), b, cfg.joint_bits,
+                                          cfg.kmeans_iters, gen))
 
     codes, Q, books, scales = vq_sweep(Wt, U, D, group_bits, gs, tile_rows, fit, cfg.feedback)
     if not scalar:

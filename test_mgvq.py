@@ -304,7 +304,7 @@ def test_text_splits_are_disjoint_and_stable():
 def test_testbed_shape_is_small_and_fits_the_quantizer(testbed):
     n = sum(p.numel() for p in testbed.model.parameters())
     assert 2 * n <= 25e6, f"the testbed is {2 * n / 1e6:.1f} MB in bf16"
-    assert len(testbed.model.model.language_model.layers) == 4
+    assert len(testbed.model.model.language_model.layers) == 6
     for block in testbed.model.model.language_model.layers:
         for lin in E.linears(block).values():
             assert lin.in_features % 256 == 0
@@ -408,13 +408,15 @@ def test_missing_testbed_names_its_build_command(monkeypatch, tmp_path):
 
 # --- the quantized layer (kernels.py)
 
-def random_vq(m, n, d, group_size, group_bits, tile_rows, bias=True, dtype=torch.float32, seed=0):
-    """A VQLinear with random indices, int8 codebooks and scales, built the way the quantizer builds it."""
+def random_vq(m, n, d, group_size, group_bits, tile_rows, per_coordinate=(), bias=True, dtype=torch.float32,
+              seed=0):
+    """A VQLinear with random indices, int8 codebooks and scales, built the way the quantizer builds it; the
+    bit-widths in per_coordinate get a scalar codebook per coordinate."""
     gen = torch.Generator().manual_seed(seed)
     V = group_size // d
     idx = torch.cat([torch.randint(0, 2 ** (b * d), (m, V), generator=gen) for b in group_bits], 1)  # (m, n/d)
-    cbs = [torch.randint(-128, 128, (m // tile_rows[b], 2 ** (b * d), d), generator=gen, dtype=torch.int8)
-           for b in group_bits]
+    cbs = [torch.randint(-128, 128, (m // tile_rows[b], 2 ** (b if b in per_coordinate else b * d), d),
+                         generator=gen, dtype=torch.int8) for b in group_bits]
     scales = [torch.rand(m // tile_rows[b], generator=gen) / 64 + 1e-3 for b in group_bits]
     bias_t = torch.randn(m, generator=gen) if bias else None
     return VQLinear.from_parts(idx, group_bits, cbs, scales, d, group_size, tile_rows, bias_t, dtype)
@@ -455,6 +457,25 @@ def test_dequantize_known_answer():
     torch.testing.assert_close(layer.reference_forward(x), x @ W.t())
 
 
+def test_dequantize_per_coordinate_known_answer():
+    # one row, 4 columns, d = 2, 2 bits: index k holds coordinate 0's value in bits 0-1, coordinate 1's in bits 2-3
+    idx = torch.tensor([[0b0110, 0b1100]])                                  # (1, 2): values (2, 1) and (0, 3)
+    cb = torch.tensor([[[10, -1], [20, -2], [30, -3], [40, -4]]], dtype=torch.int8)  # (K = 4, d): [value, coordinate]
+    layer = VQLinear.from_parts(idx, [2], [cb], [torch.tensor([0.5])], d=2, group_size=4, tile_rows={2: 1})
+    assert layer.per_coordinate == [2] and layer.codebook_2.shape == (1, 1, 4, 2)
+    assert torch.equal(layer.dequantize(), torch.tensor([[15.0, -1.0, 5.0, -2.0]]))   # 0.5 · (30, -2, 10, -4)
+    assert layer.storage_bits()["codebook"] == 4 * 2 * 8                              # 8 int8, not 16 x 2
+
+
+def test_a_layout_saved_before_per_coordinate_codebooks_loads():
+    layer = random_vq(16, 256, 2, 128, [3, 2], {2: 16, 3: 16}, bias=False)
+    layout = json.loads(json.dumps(layer.layout()))
+    assert layout.pop("per_coordinate") == []                               # the field older folders lack
+    empty = VQLinear(**layout)
+    empty.load_state_dict(layer.state_dict(), strict=True)
+    assert torch.equal(empty.dequantize(), layer.dequantize())
+
+
 def test_from_parts_places_mixed_groups():
     m, n, d, gs, bits, tr = 8, 512, 2, 128, [2, 1, 3, 2], {1: 4, 2: 8, 3: 8}
     layer = random_vq(m, n, d, gs, bits, tr, bias=False)
@@ -469,7 +490,7 @@ def test_from_parts_places_mixed_groups():
 
 
 def test_layout_state_dict_round_trip():
-    layer = random_vq(16, 256, 2, 128, [3, 2], {2: 16, 3: 16}, bias=True, dtype=torch.bfloat16)
+    layer = random_vq(16, 256, 2, 128, [3, 2], {2: 16, 3: 16}, [3], bias=True, dtype=torch.bfloat16)
     layout = json.loads(json.dumps(layer.layout()))                         # str keys, dtype as a string
     empty = VQLinear(**layout)
     empty.load_state_dict(layer.state_dict(), strict=True)
@@ -496,10 +517,11 @@ def no_silent_fallback():
     assert not failed, "the compiled fast path fell back to the reference"
 
 
-LAYOUTS = [  # (m, n, d, group_size, group_bits, tile_rows): mixed K, d in {1, 2, 4}, m not always a multiple of 16
+LAYOUTS = [  # (m, n, d, group_size, group_bits, tile_rows[, per_coordinate]): mixed K, d in {1, 2, 4}, m not
+    # always a multiple of 16. The first is the kind of layout --method mgvq emits (3-bit groups per coordinate).
     # (a tile-row count is a constant of the compiled kernels, so every new one recompiles every token count:
     # the uniform layout shares the mixed one's tile rows, and the odd row counts are m = 40 and m = 20)
-    (48, 512, 2, 128, [2, 1, 3, 2], {1: 4, 2: 16, 3: 48}),
+    (48, 512, 2, 128, [3, 1, 3, 2], {1: 4, 2: 16, 3: 16}, [3]),
     (32, 512, 2, 128, [2, 2, 2, 2], {2: 16}),
     (40, 512, 1, 256, [2, 4], {2: 8, 4: 40}),
     (20, 256, 4, 128, [2, 1], {1: 4, 2: 20}),
@@ -655,6 +677,25 @@ def test_fallback_when_compile_is_unavailable(monkeypatch):
     assert len(caught) == 1 and "torch.compile unavailable" in str(caught[0].message)
     torch.testing.assert_close(y1, layer.reference_forward(x))
     torch.testing.assert_close(y2, y1)
+
+
+def test_bench_mgvq_variant_is_what_the_quantizer_emits(tmp_path):
+    # the benchmark's `mgvq` layout: mgvq.py's tile rows and codebook kind for each of its bit-widths, at the
+    # mix of a saved run (a made-up mgvq.json: 12 one-bit, 34 two-bit and 12 three-bit groups of 16 rows each)
+    cfg = mgvq.resolve(mgvq.Config(method="mgvq", bits=2))
+    layouts = {"a": dict(group_bits=[1, 2, 2, 3] * 3, out_features=16),
+               "b": dict(group_bits=[2] * 28 + [1, 3] * 9, out_features=16)}
+    (tmp_path / "mgvq.json").write_text(json.dumps(dict(layouts=layouts)))
+    for v in (kernels.mgvq_variant(), kernels.mgvq_variant(tmp_path / "mgvq.json")):
+        assert set(v["bits"]) <= set(mgvq.bit_choices(cfg)) and v["d"] == cfg.d
+        for b in set(v["bits"]):
+            for m in (1536, 8960):
+                assert v["tile_rows"][b] == mgvq.tile_rows_for(m, b, cfg.d, cfg.group_size, cfg.codebook_overhead,
+                                                              cfg.joint_bits)
+        assert v["per_coordinate"] == [b for b in (1, 2, 3) if mgvq.per_coordinate(b, cfg.d, cfg.joint_bits)]
+    v = kernels.mgvq_variant(tmp_path / "mgvq.json")
+    assert len(v["bits"]) == 16 and [v["bits"].count(b) for b in (1, 2, 3)] == [3, 10, 3]   # 16 × 12/58, 34/58
+    assert v["bits"][:8].count(2) == 5                                      # spread out, not sorted
 
 
 def test_to_bfloat16_keeps_fp16_scales():
@@ -1046,46 +1087,83 @@ def test_kmeans_ends_at_a_fixed_point_of_the_weighted_update(per_tile):
     assert torch.allclose(lloyd_step(X, D, s, C), C, atol=1e-7)
 
 
-def test_refit_is_the_least_squares_optimum():
+@pytest.mark.parametrize("per_coord", [False, True], ids=["joint", "per-coordinate"])
+def test_refit_is_the_least_squares_optimum(per_coord):
     """With the codes fixed, each group's codewords (per row tile) move to the solved optimum of
     sum_i s_i (w_i - q_i) H (w_i - q_i)^T, the other group held (Gauss-Seidel: group 0, then group 1 given the
     new group 0), up to the int8 rounding of the stored codebook. The optimum comes from torch.linalg.lstsq on
-    the stacked system sqrt(s_i) R (w_i - q_i), H = R^T R: an independent solve of the same least squares."""
+    the stacked system sqrt(s_i) R (w_i - q_i), H = R^T R: an independent solve of the same least squares.
+    Per coordinate, the unknowns are the 4 values of each coordinate's scalar codebook (2 bits, d = 2: K = 16)."""
     g = torch.Generator().manual_seed(17)
-    m, n, d, gs, tr, K = 8, 16, 2, 8, 4, 4
+    m, n, d, gs, tr = 8, 16, 2, 8, 4
+    bits, K, Kc = (2, 16, 4) if per_coord else (1, 4, 4)                     # per coordinate: 2 bits, 4 + 4 values
     P, R = gs // d, m // tr
+    entry = lambda code, e: (code >> (e * bits)) % Kc if per_coord else code  # the stored entry coordinate e reads
     H = kms(n)                                                                # condition number ~ 500
     W = torch.randn(m, n, generator=g, dtype=torch.float64)
     s = 10 ** (torch.rand(m, generator=g, dtype=torch.float64) - 0.5)
     perm = lambda: torch.randperm(tr * P, generator=g) % K                  # every codeword used in every tile
     codes = torch.cat([torch.stack([perm() for _ in range(R)]).reshape(m, P) for _ in range(2)], 1)   # (m, n/d)
-    books = [torch.randint(-127, 128, (R, K, d), generator=g, dtype=torch.int8) for _ in range(2)]
+    books = [torch.randint(-127, 128, (R, Kc, d), generator=g, dtype=torch.int8) for _ in range(2)]
     scales = [torch.full((R,), 0.01, dtype=torch.float64) for _ in range(2)]
-    Q = torch.cat([mgvq.dequant_group(codes[:, k * P:(k + 1) * P], books[k], scales[k], tr) for k in range(2)], 1)
+    Q = torch.cat([mgvq.dequant_group(codes[:, k * P:(k + 1) * P], books[k], scales[k], tr, K) for k in range(2)], 1)
     Rt = torch.linalg.cholesky(H).T                                            # H = Rt^T Rt
     expect = []
     for k in range(2):                                                        # Gauss-Seidel over the groups
-        Ck = torch.empty(R, K, d, dtype=torch.float64)
+        Ck = torch.empty(R, Kc, d, dtype=torch.float64)
         for r in range(R):
             A, b = [], []
             for i in range(r * tr, (r + 1) * tr):
-                E = torch.zeros(n, K * d, dtype=torch.float64)                  # q_i = base_i + E c
+                E = torch.zeros(n, Kc * d, dtype=torch.float64)                 # q_i = base_i + E c
                 for p in range(P):
                     for e in range(d):
-                        E[k * gs + p * d + e, int(codes[i, k * P + p]) * d + e] = 1
+                        E[k * gs + p * d + e, entry(int(codes[i, k * P + p]), e) * d + e] = 1
                 base = Q[i].clone()
                 base[k * gs:(k + 1) * gs] = 0
                 A.append(s[i].sqrt() * Rt @ E)
                 b.append(s[i].sqrt() * Rt @ (W[i] - base))
-            Ck[r] = torch.linalg.lstsq(torch.cat(A), torch.cat(b)).solution.reshape(K, d)
+            Ck[r] = torch.linalg.lstsq(torch.cat(A), torch.cat(b)).solution.reshape(Kc, d)
         expect.append(Ck)
-        Q[:, k * gs:(k + 1) * gs] = mgvq.dequant_group(codes[:, k * P:(k + 1) * P], *mgvq.int8_codebook(Ck), tr)   # as stored
-    Q2 = mgvq.refit_codebooks(W, H, s, codes, books, scales, [1, 1], gs, {1: tr})
+        Q[:, k * gs:(k + 1) * gs] = mgvq.dequant_group(codes[:, k * P:(k + 1) * P], *mgvq.int8_codebook(Ck), tr, K)
+    Q2 = mgvq.refit_codebooks(W, H, s, codes, books, scales, [bits, bits], gs, {bits: tr})
     for k in range(2):
         got = books[k].double() * scales[k][:, None, None]
         assert (got - expect[k]).abs().max() <= 0.5 * float(scales[k].max()) * (1 + 1e-6)
-    stored = torch.cat([mgvq.dequant_group(codes[:, k * P:(k + 1) * P], books[k], scales[k], tr) for k in range(2)], 1)
+    stored = torch.cat([mgvq.dequant_group(codes[:, k * P:(k + 1) * P], books[k], scales[k], tr, K) for k in range(2)], 1)
     assert torch.equal(Q2, stored.to(Q2.dtype))
+
+
+def test_codewords_per_coordinate_known_answer():
+    # 2 bits, d = 2: coordinate 0 reads bits 0-1 of the index, coordinate 1 bits 2-3; 16 codewords from 4 + 4 values
+    Cq = torch.tensor([[[1, -1], [2, -2], [3, -3], [4, -4]]], dtype=torch.int8)          # (R = 1, 4, d = 2)
+    C = mgvq.codewords(Cq, torch.tensor([0.5]), 16)
+    assert C.shape == (1, 16, 2)
+    assert C[0, 0b1001].tolist() == [1.0, -1.5] and C[0, 0b0111].tolist() == [2.0, -1.0]
+    assert torch.equal(mgvq.codewords(Cq, torch.tensor([0.5]), 4), Cq.float() * 0.5)   # Kc = K: joint
+
+
+def test_per_coordinate_layer_is_what_the_sweep_chose():
+    """A 3-bit d = 2 layer through quantize_linear: per-coordinate codebooks of 8 values (not 64 codewords),
+    8-row tiles, and the VQLinear's weight is exactly the sweep's Q (what the error figures were computed on)."""
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(128, 32, bias=False)
+    lin.weight.data = torch.randn(32, 128, generator=g) / 10
+    X = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g) / 10
+    cfg = mgvq.resolve(mgvq.Config(method="gptvq", bits=3, joint_bits=4))     # mgvq's codebooks, one linear
+    assert mgvq.resolve(mgvq.Config(method="mgvq")).joint_bits == 4            # the default of mgvq ...
+    assert mgvq.resolve(mgvq.Config(method="gptvq")).joint_bits == 12          # ... not of GPTVQ as published
+    assert mgvq.per_coordinate(3, 2, cfg.joint_bits) and not mgvq.per_coordinate(2, 2, 4)
+    factors = mgvq.damped_factors(lin, X.T @ X / len(X), None, cfg, "lin")
+    vq, info = mgvq.quantize_linear(lin, factors, None, None, [3], cfg, torch.Generator().manual_seed(0), "lin")
+    assert vq.per_coordinate == [3] and vq.codebook_3.shape == (32 // 8, 1, 8, 2) and vq.tile_rows == {3: 8}
+    assert info["err"] < info["err_rtn"] < 0.05
+    W, H = factors[0], factors[1]
+    err = mgvq.proxy_loss(W - vq.dequantize(), H) / mgvq.proxy_loss(W, H)
+    assert abs(err - info["err"]) <= 1e-6 * info["err"]                          # the stored weights were judged
+    joint = mgvq.resolve(mgvq.Config(method="gptvq", bits=3))
+    vq2, info2 = mgvq.quantize_linear(lin, factors, None, None, [3], joint, torch.Generator().manual_seed(0), "lin")
+    assert vq2.per_coordinate == [] and vq2.codebook_3.shape[2] == 64
+    assert vq.codebook_3[0, 0].numel() * 8 == vq2.codebook_3[0, 0].numel()          # 8 x 2 entries a tile, not 64 x 2
 
 
 def scalar_rows(n=256, seed=20):
