@@ -517,8 +517,11 @@ def vq_sweep(Wt, U, D, group_bits, group_size: int, tile_rows: dict, fit, feedba
     """Quantize the d-column blocks first to last; block k goes to the codeword nearest to its error-fed target
         T_k = W~_k + sum_{j<k} (W~_j - Q_j) U_jk        (METHOD 3c; H = U D U^T, U unit block-upper)
     under the block metric D_k (feedback 'diag': only its diagonal, GPTVQ's shortcut; 'none': no feedback).
-    A group's codebooks are fit by `fit(X, D, K)` when the sweep reaches it, on the error-fed targets (joint,
-    or per coordinate: see `codewords`).
+    A group's codebooks are fit by `fit(X, D, K)` when the sweep reaches it (joint, or per coordinate: see
+    `codewords`), on the optimum of its weights given the errors of the groups before, X_B = W~_B + E_A U_AB U_BB^-1:
+    the targets T_B = W~_B + E_A U_AB that reach it first are only that optimum's first term, since the group's own
+    columns will feed each other (X_B solves X_B = W~_B + E_A U_AB - (X_B - W~_B)(U_BB - I)). This X_B is the updated
+    weight GPTQ fits a group's grid on.
     Wt (m, n) -> codes (m, n/d), Q (m, n), int8 codebooks and scales, one per column group."""
     m, n = Wt.shape
     d = D.shape[-1]
@@ -533,7 +536,11 @@ def vq_sweep(Wt, U, D, group_bits, group_size: int, tile_rows: dict, fit, feedba
         c0, c1 = g * group_size, (g + 1) * group_size
         tr = tile_rows[b]
         R = m // tr
-        Cq, sc = fit(T[:, c0:c1].reshape(R, tr, P, d), metric[c0 // d:c1 // d], 2 ** (b * d))
+        X = T[:, c0:c1]                                                       # fed by the groups before only
+        if feedback != "none":     # where the group's weights would go if it were not quantized (GPTQ's updated W):
+            X = Wt[:, c0:c1] + torch.linalg.solve_triangular(         # W~_B + (T_B - W~_B) U_BB^-1
+                U[c0:c1, c0:c1], X - Wt[:, c0:c1], upper=True, left=False, unitriangular=True)
+        Cq, sc = fit(X.reshape(R, tr, P, d), metric[c0 // d:c1 // d], 2 ** (b * d))
         C = codewords(Cq, sc, 2 ** (b * d)).to(Wt.dtype)                      # (R, K, d) as stored
         books.append(Cq)
         scales.append(sc)
