@@ -431,8 +431,8 @@ def codewords(Cq: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
     C = Cq.float() * scale[:, None, None]
     if Kc == K:
         return C
-    b, k = Kc.bit_length() - 1, torch.arange(K, device=Cq.device)
-    return torch.stack([C[:, (k >> (e * b)) % Kc, e] for e in range(d)], -1)
+    entry = per_coordinate_digits(torch.arange(K, device=Cq.device), Kc, K, d)   # (K, d)
+    return torch.stack([C[:, entry[:, e], e] for e in range(d)], -1)
 
 
 def per_coordinate_digits(codes: torch.Tensor, Kc: int, K: int, d: int) -> torch.Tensor:
