@@ -42,7 +42,8 @@ class Config:
     d: int | None = None               # VQ vector length (2 for VQ, 1 for the scalar baselines)
     group_size: int | None = None      # columns per group: one bit-width and one codebook per (group x row tile)
     alloc: str | None = None           # uniform | sensitivity (structured mixed precision)
-    grad: bool | None = None           # gradient-Hessian fusion (Newton-shifted target, H_O row weights)
+    grad: str | None = None            # gradient-Hessian fusion: none | drift (the layer's output drift from FP,
+                                       # Newton-shifted target under H_I) | kl (end-to-end KL gradient, H_O (x) H_I)
     alpha: float = 1.0                 # step of the Newton shift
     newton_damp: float = 1.0           # relative damping of each Kronecker factor in the Newton solve
     line_search: int = 3               # backtracking tries of the Newton step on the calibration KL
@@ -74,10 +75,10 @@ class Config:
 
 # What each --method switches on; an explicit flag overrides its row (the ablation flips one at a time).
 METHODS = {
-    "rtn":   dict(d=1, group_size=256, alloc="uniform", grad=False, token_weights="none", feedback="none", joint_bits=12),
-    "gptq":  dict(d=1, group_size=256, alloc="uniform", grad=False, token_weights="none", feedback="ldl", joint_bits=12),
-    "gptvq": dict(d=2, group_size=128, alloc="uniform", grad=False, token_weights="none", feedback="diag", joint_bits=12),
-    "mgvq":  dict(d=2, group_size=128, alloc="sensitivity", grad=True, token_weights="qig", feedback="ldl", joint_bits=4),
+    "rtn":   dict(d=1, group_size=256, alloc="uniform", grad="none", token_weights="none", feedback="none", joint_bits=12),
+    "gptq":  dict(d=1, group_size=256, alloc="uniform", grad="none", token_weights="none", feedback="ldl", joint_bits=12),
+    "gptvq": dict(d=2, group_size=128, alloc="uniform", grad="none", token_weights="none", feedback="diag", joint_bits=12),
+    "mgvq":  dict(d=2, group_size=128, alloc="sensitivity", grad="kl", token_weights="qig", feedback="ldl", joint_bits=4),
 }
 
 
@@ -99,7 +100,8 @@ def resolve(cfg: Config) -> Config:
     scalar = cfg.method in ("rtn", "gptq")
     if scalar and cfg.d != 1:
         raise ValueError(f"--method {cfg.method} is scalar: it needs --d 1")
-    for k, ok in (("alloc", ("uniform", "sensitivity")), ("token_weights", ("none", "modality", "qig")),
+    for k, ok in (("alloc", ("uniform", "sensitivity")), ("grad", ("none", "drift", "kl")),
+                  ("token_weights", ("none", "modality", "qig")),
                   ("feedback", ("ldl", "diag", "none"))):
         if getattr(cfg, k) not in ok:
             raise ValueError(f"--{k.replace('_', '-')} must be one of {', '.join(ok)}")
@@ -211,10 +213,37 @@ def teacher_pass(model, batches, topk: int, keep_inputs_of=(), folder: str | Non
 
 # --- calibration statistics
 
-def hessian_add(S: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
-    """S += sum_t w_t x_t x_t^T, accumulated in fp32 (bf16 outer products lose the small directions)."""
+def hessian_add(S: torch.Tensor, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None):
+    """S += sum_t w_t y_t x_t^T (y = x: the second moment), accumulated in fp32 (bf16 outer products lose the
+    small directions)."""
     x = x.detach().reshape(-1, x.shape[-1]).float()                    # (T, n); no autograd history in S
-    S.addmm_((x * w[:, None]).T, x)
+    y = x if y is None else y.detach().reshape(-1, y.shape[-1]).float()
+    S.addmm_((y * w[:, None]).T, x)
+
+
+@torch.no_grad()
+def fp_linear_inputs(model, block, batch, h_fp) -> dict:
+    """Every linear's input in `block` (still full precision) when the block is fed its FP input h_fp instead of
+    the current model's: what the layer saw before anything upstream was quantized."""
+    got = {}
+
+    def stop(mod, args, out):
+        raise qa.StopForward
+
+    hooks = [block.register_forward_pre_hook(lambda mod, args: (h_fp.to(args[0].dtype),) + args[1:]),
+             block.register_forward_hook(stop)]
+    def grab(name):
+        def hook(mod, args, out):
+            got[name] = args[0].detach()
+        return hook
+
+    hooks += [m.register_forward_hook(grab(n)) for n, m in qa.linears(block).items()]
+    with qa.hooked(hooks):
+        try:
+            qa.forward(model, batch)
+        except qa.StopForward:
+            pass
+    return got
 
 
 def damp_cholesky(H: torch.Tensor, rel: float, what: str, log=print):
@@ -242,34 +271,46 @@ def fix_dead_columns(H: torch.Tensor, W: torch.Tensor):
     return int(dead.sum())
 
 
-def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
+def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, fp_in=None):
     """Kronecker factors of one block's linears, from the *current* model (earlier blocks quantized):
       H_I = sum_t w_t x_t x_t^T / sum_t w_t        one per input (q/k/v share theirs, gate/up theirs)
       H_O = sum_t g_t g_t^T / N                    g from a backward with sampled labels (Fisher), N loss positions
-      G   = dKL(p_FP || p_current)/dW             mean over the N loss positions, from a second backward
+      G   = dKL(p_FP || p_current)/dW             --grad kl: mean over the N loss positions, from a second backward
     so that l(D) = <G, D> + 1/2 tr(H_O D H_I D^T) estimates the change of the mean KL (K-FAC: H ~ H_O (x) H_I).
+    --grad drift instead: the layer's own loss 1/2 sum_t w_t |W x_fp,t - Q x_t|^2 / sum_t w_t (its FP output,
+    reproduced from the drifted input x_t = x_fp,t - dx_t), exactly l(D) above with H_O = I and
+      G   = -W R,   R = sum_t w_t dx_t x_t^T / sum_t w_t          (fp_in: the block's FP inputs, one file a batch)
     Token weights w_t: QIG (token_w), or per modality the mean block-output gradient energy |g_t|^2."""
     lins = qa.linears(block)
-    fisher = cfg.grad or cfg.token_weights != "none"
-    S, SO, share, seen = {}, {name: 0.0 for name in lins}, {}, {}
+    fisher = cfg.grad == "kl" or cfg.token_weights != "none"
+    S, R, SO, share, seen = {}, {}, {name: 0.0 for name in lins}, {}, {}
+    folds = 1 if fp_in is None else 2                      # drift: odd and even batches apart, to choose its damping
     energy, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     ctx = {}
 
     def on_linear(name):
         def hook(mod, args, out):
             x = args[0]
+            if ctx["fp_run"]:
+                return
             if name not in share:                          # first batch: who else is fed this very tensor?
                 share[name] = next((k for k, t in seen.items() if t is x), name)
                 seen[name] = x
             if share[name] == name and ctx["collect"]:
                 img, valid = qa.token_tags(ctx["batch"], x)
                 w = valid.float() * (ctx["w"] if ctx["w"] is not None else 1.0)
-                acc = S.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device) for _ in range(2)]
-                                   + [torch.zeros(2, dtype=torch.float64)])    # [text, image, weight per modality]
+                new = lambda: ([torch.zeros(x.shape[-1], x.shape[-1], device=x.device) for _ in range(2)]
+                               + [torch.zeros(2, dtype=torch.float64)])
+                acc = S.setdefault(name, [new() for _ in range(folds)])[ctx["fold"]]   # [text, image, weights]
                 hessian_add(acc[0], x, w * ~img)           # text tokens
                 hessian_add(acc[1], x, w * img)            # image tokens
                 acc[2] += torch.stack([(w * ~img).sum(), (w * img).sum()]).double().cpu()
-            if cfg.grad and ctx["fisher"] and out.requires_grad:
+                if ctx["fp"] is not None:                  # drift: R = sum_t w_t (x_fp - x)_t x_t^T, per modality
+                    dx = ctx["fp"][name].float() - x.detach().float()
+                    r = R.setdefault(name, [new()[:2] for _ in range(folds)])[ctx["fold"]]
+                    hessian_add(r[0], x, w * ~img, dx)
+                    hessian_add(r[1], x, w * img, dx)
+            if cfg.grad == "kl" and ctx["fisher"] and out.requires_grad:
                 def on_grad(g, name=name):
                     g = g.detach().reshape(-1, g.shape[-1]).float()
                     SO[name] = SO[name] + g.T @ g
@@ -277,6 +318,8 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
         return hook
 
     def on_block(mod, args, out):                          # per-modality gradient energy at the block output
+        if ctx["fp_run"]:
+            return
         if ctx["fisher"] and out.requires_grad:
             img, valid = qa.token_tags(ctx["batch"], out)
 
@@ -293,7 +336,10 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
     n_pos = sum(int(qa.loss_mask(b).sum()) for b in batches)
     with qa.hooked(hooks):
         for i, batch in enumerate(batches):                # pass 1: H_I (and H_O with sampled labels)
-            ctx.update(batch=batch, collect=True, fisher=fisher, w=None if token_w is None else token_w[i])
+            ctx["fp_run"] = True                           # these hooks stand aside while the FP inputs are made
+            fp = None if fp_in is None else fp_linear_inputs(model, block, batch, torch.load(fp_in[i]))
+            ctx.update(batch=batch, collect=True, fisher=fisher, w=None if token_w is None else token_w[i], fp=fp,
+                       fp_run=False, fold=i % folds)
             if fisher:
                 with torch.enable_grad():
                     for p in params:
@@ -306,7 +352,7 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
                 except qa.StopForward:
                     pass
         G = {}
-        if cfg.grad:                                       # pass 2: G = d mean KL / dW
+        if cfg.grad == "kl":                               # pass 2: G = d mean KL / dW
             ctx.update(collect=False, fisher=False)
             for p in params:
                 p.grad = None
@@ -326,10 +372,20 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen):
     if fisher and token_w is None and cfg.token_weights != "none" and (count > 0).all():
         mw = energy / count
     H_I = {}
+    if fp_in is not None:
+        G["damp"] = {}
     for name in lins:
-        S_txt, S_img, n_tok = S[share[name]]
-        H_I[name] = (mw[0] * S_txt + mw[1] * S_img) / float((mw * n_tok).sum())
-    H_O = {n: (SO[n] / n_pos if cfg.grad else None) for n in lins}
+        parts = S[share[name]]                             # per fold: [text, image, weights]
+        total = sum(float((mw * n_tok).sum()) for _, _, n_tok in parts)
+        H_I[name] = sum(mw[0] * S_txt + mw[1] * S_img for S_txt, S_img, _ in parts) / total
+        if fp_in is not None:                              # --grad drift: G = -W R
+            W = lins[name].weight.detach().float()
+            R_f = [mw[0] * R_txt + mw[1] * R_img for R_txt, R_img in R[share[name]]]
+            G[name] = -W @ (sum(R_f) / total)
+            per_fold = [(mw[0] * a + mw[1] * b) / float((mw * n).sum()) for a, b, n in parts]
+            G["damp"][name] = drift_damping(W, per_fold, [r / float((mw * n).sum()) for r, (_, _, n) in zip(R_f, parts)],
+                                            cfg.damp)
+    H_O = {n: (SO[n] / n_pos if cfg.grad == "kl" else None) for n in lins}
     return H_I, H_O, G, mw
 
 
@@ -650,7 +706,7 @@ def damped_factors(lin: nn.Linear, H_I, H_O, cfg: Config, what: str, log=print):
     if dead:
         log(f"  {what}: {dead} dead input columns (zero curvature) set to zero")
     H = damp_cholesky(H_I, cfg.damp, f"{what} H_I", log)[0]
-    H_Od = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)[0] if cfg.grad else None
+    H_Od = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)[0] if cfg.grad == "kl" else None
     return W, H, H_Od
 
 
@@ -675,6 +731,43 @@ def newton_shifts(factors: dict, G, alpha: float, damp: float) -> dict:
         gain -= 0.5 * float((G[n] * shifts[n]).sum())                      # 1/2 <G, S> >= 0 for alpha > 0
     c = min(1.0, G["kl"] / gain) if gain > 0 else 1.0
     return {n: c * s for n, s in shifts.items()}
+
+
+DRIFT_DAMPING = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, math.inf)      # relative to mean diag H_I, beyond the metric's
+
+
+def drift_loss(S, W, H, R) -> float:
+    """The change of a layer's own loss, mean_t |W x_fp,t - (W + S) x_t|^2 - |W x_fp,t - W x_t|^2, from the
+    tokens' moments H = mean x x^T and R = mean (x_fp - x) x^T: tr(S H S^T) - 2 <S, W R>."""
+    return float(((S @ H) * S).sum() - 2 * (S * (W @ R)).sum())
+
+
+def drift_damping(W, H_f: list, R_f: list, base: float) -> float:
+    """The damping of a layer's drift shift, chosen by two-fold cross-validation on the calibration set (our
+    choice): the shift S = W R_a (H_a + lam I)^-1 fitted on one half is scored on the other half's own loss,
+    tr(S H_b S^T) - 2 <S, W R_b> (the change of sum |W x_fp - (W + S) x|^2, exact from b's moments), summed
+    over both ways round (drift_loss); inf = no shift. The shift is a regression of the output drift on the input, with
+    n^2 coefficients fitted on a few thousand tokens: undamped, it fits the calibration tokens' noise."""
+    best, best_loss = math.inf, 0.0
+    for lam in DRIFT_DAMPING[:-1]:
+        loss = 0.0
+        for (Ha, Ra), (Hb, Rb) in (((H_f[0], R_f[0]), (H_f[1], R_f[1])), ((H_f[1], R_f[1]), (H_f[0], R_f[0]))):
+            A = tikhonov(Ha, base + lam)                               # base: the metric's damping (--damp)
+            S = torch.cholesky_solve((W @ Ra).T, torch.linalg.cholesky(A)).T
+            loss += drift_loss(S, W, Hb, Rb)
+        if loss < best_loss:
+            best, best_loss = lam, loss
+    return best
+
+
+def drift_shifts(factors: dict, G) -> dict:
+    """--grad drift: the minimiser of each layer's own loss, W~ - W = -G (H_I + lam I)^-1 = W R (H_I + lam I)^-1
+    (GPTAQ's asymmetric target: quantize toward the weights that map the drifted inputs to the FP outputs), lam
+    from drift_damping (inf: no shift). No trust scale or line search: that loss is exactly quadratic.
+    factors: {name: (W, damped H_I, _)}."""
+    return {n: (torch.zeros_like(W) if G["damp"][n] == math.inf else
+                -torch.cholesky_solve(G[n].T, torch.linalg.cholesky(tikhonov(H, G["damp"][n]))).T)
+            for n, (W, H, _) in factors.items()}
 
 
 @torch.no_grad()
@@ -848,7 +941,7 @@ def quantize_linear(lin: nn.Linear, factors, G, shift, group_bits, cfg: Config, 
     assert n % gs == 0, f"{what}: {n} input columns are not a multiple of --group-size {gs}"
     s = torch.ones(m, device=W.device)
     Wt = W if shift is None else W + shift
-    if cfg.grad:
+    if cfg.grad == "kl":
         s = H_Od.diagonal() / H_Od.diagonal().mean().clamp_min(1e-30)         # row weights diag(H_O)
         s = s.clamp_min(1e-3)
     U, D = sweep_factors(H, d)
@@ -870,7 +963,7 @@ def quantize_linear(lin: nn.Linear, factors, G, shift, group_bits, cfg: Config, 
     rel = lambda Qx: proxy_loss(W - Qx, H) / max(proxy_loss(W, H), 1e-30)    # tr(D H D^T) / tr(W H W^T)
     Q0 = round_to(W, books, scales, group_bits, gs, tile_rows, D)             # plain rounding, no compensation
     info = dict(err_rtn=rel(Q0), err=rel(Q))
-    if cfg.grad:                                                              # how far the Newton shift moved the target
+    if shift is not None:                                                     # how far the Newton shift moved the target
         info.update(shift=float((Wt - W).norm() / W.norm().clamp_min(1e-30)),
                     proxy=proxy_loss(Q - W, H, G, H_Od), proxy_rtn=proxy_loss(Q0 - W, H, G, H_Od))
     return vq, info
@@ -886,9 +979,11 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
     blocks = qa.quantizable_blocks(model, cfg.quantize_vision)[:cfg.max_blocks]
     decoder = {id(b) for b in model.model.language_model.layers}
     qig = cfg.token_weights == "qig"
-    keep = [b for _, b in blocks if id(b) in decoder] if qig else []
-    spill = tempfile.TemporaryDirectory(prefix="mgvq-inputs-") if keep else None   # FP block inputs for QIG
-    teacher, fp_inputs = teacher_pass(model, batches, cfg.teacher_topk, keep, spill and spill.name) if (cfg.grad or qig) else (None, {})
+    drift = cfg.grad == "drift"
+    keep = [b for _, b in blocks if drift or id(b) in decoder] if qig or drift else []
+    spill = tempfile.TemporaryDirectory(prefix="mgvq-inputs-") if keep else None   # FP block inputs: QIG, drift
+    teacher, fp_inputs = (teacher_pass(model, batches, cfg.teacher_topk, keep, spill and spill.name)
+                          if cfg.grad != "none" or qig else (None, {}))
     alloc, sens = sensitivity_allocation(model, blocks, batches, cfg, gen, log) if cfg.alloc == "sensitivity" else ({}, {})
     qa.release_memory()
     layouts, layers, per_block = {}, [], []
@@ -897,13 +992,16 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
         token_w = None
         if qig and l > 0 and id(block) in decoder:            # h = h_q before anything is quantized: modality then
             token_w = qig_token_weights(model, block, batches, fp_inputs[keep.index(block)], cfg.qig_steps)
-        H_I, H_O, G, mw = block_statistics(model, block, batches, cfg, teacher, token_w, gen)
+        fp_in = fp_inputs[keep.index(block)] if drift and l > 0 else None      # no drift before anything is quantized
+        H_I, H_O, G, mw = block_statistics(model, block, batches, cfg, teacher, token_w, gen, fp_in)
         qa.release_memory()
         lins = qa.linears(block)
         factors = {n: damped_factors(lin, H_I[n], H_O[n], cfg, f"{bname}.{n}", log) for n, lin in lins.items()}
         del H_I, H_O                                          # damped in place: the factors hold them
         shifts, step = {}, 0.0
-        if cfg.grad and l > 0:                                # G = 0 before anything upstream is quantized
+        if fp_in is not None:
+            shifts = drift_shifts(factors, G)
+        if cfg.grad == "kl" and l > 0:                        # G = 0 before anything upstream is quantized
             shifts = newton_shifts(factors, G, cfg.alpha, cfg.newton_damp)
             step, kl = line_search(model, lins, shifts, batches, teacher, G["kl"], cfg.line_search)
             shifts = {n: step * sh for n, sh in shifts.items()} if step else {}
@@ -918,7 +1016,8 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
             qa.release_memory()
             row = qa.layer_row(name, vq, bits, time.time() - t1, info)            # printed as it is made
             if G:
-                row.update(grad_norm=float(G[n].norm()), block_kl=G["kl"], newton_step=step)
+                row.update(grad_norm=float(G[n].norm()), block_kl=G.get("kl"), newton_step=step,
+                           drift_damp=G.get("damp", {}).get(n))
             layers.append(row)
         del G, factors
         per_block.append(dict(block=bname, seconds=time.time() - t0, peak_mem_gb=qa.peak_mem_gb(dev)))
@@ -969,7 +1068,8 @@ ABLATION = [  # (label, switches on top of the method) - each adds one MGVQ comp
     ("gptq", dict(method="gptq")),
     ("gptvq", dict(method="gptvq")),
     ("gptvq + mixed precision", dict(method="gptvq", alloc="sensitivity")),
-    ("gptvq + gradient", dict(method="gptvq", grad=True)),
+    ("gptvq + gradient", dict(method="gptvq", grad="kl")),
+    ("gptvq + drift", dict(method="gptvq", grad="drift")),
     ("gptvq + QIG weights", dict(method="gptvq", token_weights="qig")),
     ("gptvq + block-LDL metric", dict(method="gptvq", feedback="ldl")),
     ("mgvq", dict(method="mgvq")),
@@ -1008,9 +1108,7 @@ def parse_args(argv) -> tuple[Config, argparse.Namespace]:
     p = Parser(description="MGVQ: ~2-bit vector quantization of a vision-language model.")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "grad":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.type in ("bool", bool):
+        if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true")
         else:
             typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)

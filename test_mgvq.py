@@ -1498,6 +1498,84 @@ def test_gradient_drift_sign_and_scale_against_finite_difference(toy):
         restore()
 
 
+def test_drift_target_is_the_least_squares_fit_of_the_fp_outputs(toy, tmp_path):
+    """--grad drift, recomputed from the linears' own inputs: with block 0 perturbed (as quantizing it would),
+    W + drift_shift minimises sum_t |W x_fp,t - Q x_t|^2 over the valid tokens (x_fp: the input when everything
+    upstream is FP): it equals the fit damped toward W by the same 1 %, recomputed from the tokens' inputs, and
+    beats keeping W by far (the toy's inputs span fewer dimensions than it has tokens: the fit is near exact). With
+    nothing perturbed the drift, so G, is zero."""
+    model = toy.model.requires_grad_(False)
+    batches = calib(toy, n=16)
+    layer = model.model.language_model.layers[1]
+    lins = E.linears(layer)
+    cfg = mgvq.resolve(mgvq.Config(method="gptvq", grad="drift", damp=0.01))
+
+    def inputs():                                            # {linear: (valid tokens, n)} of the current model
+        xs = {n: [] for n in lins}
+        hooks = [m.register_forward_hook(lambda mod, a, o, n=n: xs[n].append(a[0].detach())) for n, m in lins.items()]
+        with torch.no_grad(), E.hooked(hooks):
+            for b in batches:
+                E.forward(model, b)
+        valid = torch.cat([(b["attention_mask"] > 0).reshape(-1) for b in batches])
+        return {n: torch.cat([x.reshape(-1, x.shape[-1]) for x in v]).double()[valid] for n, v in xs.items()}
+
+    _, fp_in = mgvq.teacher_pass(model, batches, 8, [layer], str(tmp_path))
+    x_fp = inputs()
+    G0 = mgvq.block_statistics(model, layer, batches, cfg, None, None, torch.Generator(), fp_in[0])[2]
+    assert all(G0[n].abs().max() < 1e-6 * lin.weight.abs().max() for n, lin in lins.items())
+    restore = perturbed_block0(toy)
+    try:
+        x_q = inputs()
+        H_I, H_O, G, _ = mgvq.block_statistics(model, layer, batches, cfg, None, None, torch.Generator(), fp_in[0])
+        factors = {n: mgvq.damped_factors(lin, H_I[n], H_O[n], cfg, n) for n, lin in lins.items()}
+        assert set(G["damp"]) == set(lins) and all(v in mgvq.DRIFT_DAMPING for v in G["damp"].values())
+        G["damp"] = {n: 0.0 for n in lins}                   # the metric's damping only: the plain fit
+        shifts = mgvq.drift_shifts(factors, G)
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+            W = lins[name].weight.detach().double()
+            Y = x_fp[name] @ W.T                                                   # FP outputs (T, m)
+            loss = lambda Q: float(((Y - x_q[name] @ Q.T) ** 2).sum())
+            X = x_q[name]                  # min |Y - X Q^T|^2 + lam |Q - W|^2, lam = the damping (toward W, not 0)
+            lam = 0.01 * float((X * X).sum()) / X.shape[1]                         # 1 % of mean diag(X^T X)
+            A = X.T @ X + lam * torch.eye(X.shape[1], dtype=X.dtype)
+            best = torch.linalg.solve(A, X.T @ Y + lam * W.T).T                    # (m, n)
+            Wt = W + shifts[name].double()
+            assert (Wt - best).norm() < 1e-3 * (best - W).norm(), (name, float((Wt - best).norm() / (best - W).norm()))
+            assert loss(Wt) < 0.2 * loss(W), (name, loss(Wt), loss(W))                # measured: 10-25x less
+    finally:
+        restore()
+
+
+def test_drift_damping_follows_the_evidence():
+    """The cross-validated damping of the drift shift: a drift that is a linear function of the input, seen on
+    many tokens, is fitted nearly undamped; a drift that is noise independent of the input is not fitted at all
+    (inf); and the held-out loss it scores (drift_loss) is the explicit sum over the other half's tokens."""
+    g = torch.Generator().manual_seed(0)
+    n, m = 32, 16
+    W = torch.randn(m, n, generator=g)
+    M = 0.1 * torch.randn(n, n, generator=g)
+
+    def folds(T, linear):
+        H_f, R_f, data = [], [], []
+        for _ in range(2):
+            X = torch.randn(T, n, generator=g) @ torch.diag(torch.linspace(0.2, 2, n))
+            dX = X @ M.T if linear else 0.3 * torch.randn(T, n, generator=g)
+            H_f.append(X.T @ X / T)
+            R_f.append(dX.T @ X / T)
+            data.append((X, dX))
+        return H_f, R_f, data
+
+    H_f, R_f, _ = folds(4000, True)
+    assert mgvq.drift_damping(W, H_f, R_f, 0.01) <= 0.03
+    H_f, R_f, _ = folds(60, False)
+    assert mgvq.drift_damping(W, H_f, R_f, 0.01) == math.inf
+    H_f, R_f, ((Xa, dXa), (Xb, dXb)) = folds(50, True)               # the score, against the tokens themselves
+    S = W @ R_f[0] @ torch.linalg.inv(mgvq.tikhonov(H_f[0], 0.01 + 0.3))
+    Y = (Xb + dXb) @ W.T
+    explicit = (((Y - Xb @ (W + S).T) ** 2).sum() - ((Y - Xb @ W.T) ** 2).sum()) / len(Xb)
+    assert math.isclose(mgvq.drift_loss(S, W, H_f[1], R_f[1]), float(explicit), rel_tol=1e-4)
+
+
 def test_kronecker_factors_known_answer(toy):
     """Recomputed from the linear's own inputs x and output gradients g, and the block's output gradients, with
     the same sampled labels: the modality weights are each modality's mean |g_block|^2 over its valid tokens,
