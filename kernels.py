@@ -495,10 +495,11 @@ def mix_pattern(counts: dict, length: int = 16) -> list[int]:
     return [b for _, b in slots]
 
 
-def mgvq_variant(path=None) -> dict:
+def mgvq_variant(path=None, tile_rows=None) -> dict:
     """The layout `--method mgvq --bits 2` emits: its mix of 1-, 2- and 3-bit weights, read from a saved run's
     mgvq.json (all its quantized layers together, each group weighed by its rows), or by default MGVQ_MIX; the
-    tile rows and codebook kind per bit-width are those mgvq.py chooses (mgvq.tile_rows_for at its defaults)."""
+    tile rows and codebook kind per bit-width are those mgvq.py chooses (mgvq.tile_rows_for at its defaults,
+    or `tile_rows`)."""
     counts = dict(MGVQ_MIX)
     if path:
         import json
@@ -506,14 +507,17 @@ def mgvq_variant(path=None) -> dict:
         for layout in json.loads(open(path).read())["layouts"].values():
             for b in layout["group_bits"]:
                 counts[b] = counts.get(b, 0) + layout.get("out_features", 1)
-    return dict(d=2, bits=mix_pattern(counts), tile_rows={1: 4, 2: 16, 3: 8}, per_coordinate=[3])
+    return dict(d=2, bits=mix_pattern(counts), tile_rows=tile_rows or MGVQ_TILE_ROWS, per_coordinate=[3])
 
 
 # weights (rows x 128-column groups) per bit-width of `python mgvq.py --model testbed --method mgvq --bits 2`
 # (seed 0, 2026-12-02): 36 % at 1 bit, 28 % at 2 bits, 36 % at 3 bits
 MGVQ_MIX = {1: 13312 * 128, 2: 10240 * 128, 3: 13312 * 128}
+MGVQ_TILE_ROWS = {1: 4, 2: 16, 3: 8}     # mgvq.py's at --codebook-overhead 0.2 (its default): 1 and 3 bits merged
+LANE_TILE_ROWS = {1: 16, 2: 32, 3: 16}   # at --codebook-overhead 0.075: every tile fills the 16 lanes
 VARIANTS = {"2bit-d2": dict(d=2, bits=[2], tile_rows={2: 16}),            # bits: group bit-widths, cycled
             "mgvq": mgvq_variant(),
+            "mgvq-t16": mgvq_variant(tile_rows=LANE_TILE_ROWS),
             "mixed123-d2": dict(d=2, bits=[2, 1, 2, 3], tile_rows={1: 8, 2: 16, 3: 64}),   # joint 3-bit: 64 codewords
             "2bit-d4": dict(d=4, bits=[2], tile_rows={2: 64})}
 
@@ -670,6 +674,7 @@ def main():
     ap.add_argument("--cold-mb", type=int, default=512, help="distinct weight copies cycled for the cold figure")
     args = ap.parse_args()
     VARIANTS["mgvq"] = mgvq_variant(args.mgvq_json)
+    VARIANTS["mgvq-t16"] = mgvq_variant(args.mgvq_json, LANE_TILE_ROWS)
     for v in args.variants.split(",") + args.decode_variant.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")

@@ -42,8 +42,9 @@ class Config:
     d: int | None = None               # VQ vector length (2 for VQ, 1 for the scalar baselines)
     group_size: int | None = None      # columns per group: one bit-width and one codebook per (group x row tile)
     alloc: str | None = None           # uniform | sensitivity (structured mixed precision)
-    grad: str | None = None            # gradient-Hessian fusion: none | drift (the layer's output drift from FP,
-                                       # Newton-shifted target under H_I) | kl (end-to-end KL gradient, H_O (x) H_I)
+    grad: str | None = None            # gradient-Hessian fusion: none | kl (Newton-shifted target from the end-to-end
+                                       # KL gradient under H_O (x) H_I) | drift (from the layer's own output drift
+                                       # under H_I); both weigh the rows by diag(H_O)
     alpha: float = 1.0                 # step of the Newton shift
     newton_damp: float = 1.0           # relative damping of each Kronecker factor in the Newton solve
     line_search: int = 3               # backtracking tries of the Newton step on the calibration KL
@@ -282,7 +283,7 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, 
       G   = -W R,   R = sum_t w_t dx_t x_t^T / sum_t w_t          (fp_in: the block's FP inputs, one file a batch)
     Token weights w_t: QIG (token_w), or per modality the mean block-output gradient energy |g_t|^2."""
     lins = qa.linears(block)
-    fisher = cfg.grad == "kl" or cfg.token_weights != "none"
+    fisher = cfg.grad != "none" or cfg.token_weights != "none"
     S, R, SO, share, seen = {}, {}, {name: 0.0 for name in lins}, {}, {}
     folds = 1 if fp_in is None else 2                      # drift: odd and even batches apart, to choose its damping
     energy, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
@@ -310,7 +311,7 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, 
                     r = R.setdefault(name, [new()[:2] for _ in range(folds)])[ctx["fold"]]
                     hessian_add(r[0], x, w * ~img, dx)
                     hessian_add(r[1], x, w * img, dx)
-            if cfg.grad == "kl" and ctx["fisher"] and out.requires_grad:
+            if cfg.grad != "none" and ctx["fisher"] and out.requires_grad:
                 def on_grad(g, name=name):
                     g = g.detach().reshape(-1, g.shape[-1]).float()
                     SO[name] = SO[name] + g.T @ g
@@ -385,7 +386,7 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, 
             per_fold = [(mw[0] * a + mw[1] * b) / float((mw * n).sum()) for a, b, n in parts]
             G["damp"][name] = drift_damping(W, per_fold, [r / float((mw * n).sum()) for r, (_, _, n) in zip(R_f, parts)],
                                             cfg.damp)
-    H_O = {n: (SO[n] / n_pos if cfg.grad == "kl" else None) for n in lins}
+    H_O = {n: (SO[n] / n_pos if cfg.grad != "none" else None) for n in lins}
     return H_I, H_O, G, mw
 
 
@@ -706,7 +707,7 @@ def damped_factors(lin: nn.Linear, H_I, H_O, cfg: Config, what: str, log=print):
     if dead:
         log(f"  {what}: {dead} dead input columns (zero curvature) set to zero")
     H = damp_cholesky(H_I, cfg.damp, f"{what} H_I", log)[0]
-    H_Od = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)[0] if cfg.grad == "kl" else None
+    H_Od = damp_cholesky(H_O, cfg.damp, f"{what} H_O", log)[0] if cfg.grad != "none" else None
     return W, H, H_Od
 
 
@@ -941,7 +942,7 @@ def quantize_linear(lin: nn.Linear, factors, G, shift, group_bits, cfg: Config, 
     assert n % gs == 0, f"{what}: {n} input columns are not a multiple of --group-size {gs}"
     s = torch.ones(m, device=W.device)
     Wt = W if shift is None else W + shift
-    if cfg.grad == "kl":
+    if cfg.grad != "none":
         s = H_Od.diagonal() / H_Od.diagonal().mean().clamp_min(1e-30)         # row weights diag(H_O)
         s = s.clamp_min(1e-3)
     U, D = sweep_factors(H, d)
@@ -963,9 +964,10 @@ def quantize_linear(lin: nn.Linear, factors, G, shift, group_bits, cfg: Config, 
     rel = lambda Qx: proxy_loss(W - Qx, H) / max(proxy_loss(W, H), 1e-30)    # tr(D H D^T) / tr(W H W^T)
     Q0 = round_to(W, books, scales, group_bits, gs, tile_rows, D)             # plain rounding, no compensation
     info = dict(err_rtn=rel(Q0), err=rel(Q))
+    H_O = H_Od if cfg.grad == "kl" else None                                  # the model G belongs to (drift: H_O = I)
     if shift is not None:                                                     # how far the Newton shift moved the target
         info.update(shift=float((Wt - W).norm() / W.norm().clamp_min(1e-30)),
-                    proxy=proxy_loss(Q - W, H, G, H_Od), proxy_rtn=proxy_loss(Q0 - W, H, G, H_Od))
+                    proxy=proxy_loss(Q - W, H, G, H_O), proxy_rtn=proxy_loss(Q0 - W, H, G, H_O))
     return vq, info
 
 
@@ -1063,7 +1065,7 @@ def run(cfg: Config, log=print, vlm=None, reference=None) -> dict:
     return report
 
 
-ABLATION = [  # (label, switches on top of the method) - each adds one MGVQ component to gptvq
+ABLATION = [  # (label, switches on top of the method): baselines, each component added to gptvq, then taken out of mgvq
     ("rtn", dict(method="rtn")),
     ("gptq", dict(method="gptq")),
     ("gptvq", dict(method="gptvq")),
@@ -1073,6 +1075,11 @@ ABLATION = [  # (label, switches on top of the method) - each adds one MGVQ comp
     ("gptvq + QIG weights", dict(method="gptvq", token_weights="qig")),
     ("gptvq + block-LDL metric", dict(method="gptvq", feedback="ldl")),
     ("mgvq", dict(method="mgvq")),
+    ("mgvq - gradient", dict(method="mgvq", grad="none")),
+    ("mgvq - mixed precision", dict(method="mgvq", alloc="uniform")),
+    ("mgvq - QIG weights", dict(method="mgvq", token_weights="none")),
+    ("mgvq - block-LDL metric", dict(method="mgvq", feedback="diag")),
+    ("mgvq - per-coordinate codebooks", dict(method="mgvq", joint_bits=12)),
 ]
 
 
