@@ -513,11 +513,11 @@ def mgvq_variant(path=None, tile_rows=None) -> dict:
 # weights (rows x 128-column groups) per bit-width of `python mgvq.py --model testbed --method mgvq --bits 2`
 # (seed 0, 2026-12-02): 36 % at 1 bit, 28 % at 2 bits, 36 % at 3 bits
 MGVQ_MIX = {1: 13312 * 128, 2: 10240 * 128, 3: 13312 * 128}
-MGVQ_TILE_ROWS = {1: 4, 2: 16, 3: 8}     # mgvq.py's at --codebook-overhead 0.2 (its default): 1 and 3 bits merged
-LANE_TILE_ROWS = {1: 16, 2: 32, 3: 16}   # at --codebook-overhead 0.075: every tile fills the 16 lanes
+MGVQ_TILE_ROWS = {1: 16, 2: 32, 3: 16}   # mgvq.py's (--codebook-overhead 0.075): every tile fills the 16 lanes
+SMALL_TILE_ROWS = {1: 4, 2: 16, 3: 8}    # what it chose before, at 0.2: 1- and 3-bit tiles merged, per-lane codebooks
 VARIANTS = {"2bit-d2": dict(d=2, bits=[2], tile_rows={2: 16}),            # bits: group bit-widths, cycled
             "mgvq": mgvq_variant(),
-            "mgvq-t16": mgvq_variant(tile_rows=LANE_TILE_ROWS),
+            "mgvq-small-tiles": mgvq_variant(tile_rows=SMALL_TILE_ROWS),
             "mixed123-d2": dict(d=2, bits=[2, 1, 2, 3], tile_rows={1: 8, 2: 16, 3: 64}),   # joint 3-bit: 64 codewords
             "2bit-d4": dict(d=4, bits=[2], tile_rows={2: 64})}
 
@@ -674,7 +674,7 @@ def main():
     ap.add_argument("--cold-mb", type=int, default=512, help="distinct weight copies cycled for the cold figure")
     args = ap.parse_args()
     VARIANTS["mgvq"] = mgvq_variant(args.mgvq_json)
-    VARIANTS["mgvq-t16"] = mgvq_variant(args.mgvq_json, LANE_TILE_ROWS)
+    VARIANTS["mgvq-small-tiles"] = mgvq_variant(args.mgvq_json, SMALL_TILE_ROWS)
     for v in args.variants.split(",") + args.decode_variant.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")

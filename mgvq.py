@@ -59,7 +59,8 @@ class Config:
     damp: float = 0.01                 # relative damping of H_I and H_O (x10 retries, fp64 last)
     kmeans_iters: int = 25
     trial_iters: int = 6               # k-means iterations of the quick trial VQ (sensitivity)
-    codebook_overhead: float = 0.2     # codebook + scale bits per weight allowed when choosing tile rows
+    codebook_overhead: float | None = None  # codebook + scale bits per weight allowed when choosing tile rows
+                                       # (gptvq 0.2: 16 rows at 2 bits; mgvq 0.075: every tile 16 rows or more)
     joint_bits: int | None = None      # a group whose index has more bits (b*d) gets a scalar codebook per
                                        # coordinate (mgvq: 4, so 3-bit d=2 groups have 2 x 8 entries, not 64)
     qig_steps: int = 8
@@ -76,10 +77,14 @@ class Config:
 
 # What each --method switches on; an explicit flag overrides its row (the ablation flips one at a time).
 METHODS = {
-    "rtn":   dict(d=1, group_size=256, alloc="uniform", grad="none", token_weights="none", feedback="none", joint_bits=12),
-    "gptq":  dict(d=1, group_size=256, alloc="uniform", grad="none", token_weights="none", feedback="ldl", joint_bits=12),
-    "gptvq": dict(d=2, group_size=128, alloc="uniform", grad="none", token_weights="none", feedback="diag", joint_bits=12),
-    "mgvq":  dict(d=2, group_size=128, alloc="sensitivity", grad="kl", token_weights="qig", feedback="ldl", joint_bits=4),
+    "rtn":   dict(d=1, group_size=256, alloc="uniform", grad="none", token_weights="none", feedback="none", joint_bits=12,
+                 codebook_overhead=0.2),
+    "gptq":  dict(d=1, group_size=256, alloc="uniform", grad="none", token_weights="none", feedback="ldl", joint_bits=12,
+                 codebook_overhead=0.2),
+    "gptvq": dict(d=2, group_size=128, alloc="uniform", grad="none", token_weights="none", feedback="diag", joint_bits=12,
+                 codebook_overhead=0.2),
+    "mgvq":  dict(d=2, group_size=128, alloc="sensitivity", grad="kl", token_weights="qig", feedback="ldl", joint_bits=4,
+                 codebook_overhead=0.075),
 }
 
 
@@ -96,6 +101,8 @@ def resolve(cfg: Config) -> Config:
         raise ValueError(f"--d must be 1, 2 or 4 and divide --group-size ({cfg.group_size}), not {cfg.d}")
     if cfg.bits * cfg.d > 12:
         raise ValueError(f"codebooks of 2^(bits*d) = 2^{cfg.bits * cfg.d} codewords are too large")
+    if not cfg.codebook_overhead > 0:
+        raise ValueError(f"--codebook-overhead must be a positive number of bits per weight, not {cfg.codebook_overhead}")
     if not 1 <= cfg.joint_bits <= 12:
         raise ValueError(f"--joint-bits must be an integer from 1 to 12, not {cfg.joint_bits}")
     scalar = cfg.method in ("rtn", "gptq")
