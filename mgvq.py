@@ -972,7 +972,7 @@ def quantize_linear(lin: nn.Linear, factors, G, shift, group_bits, cfg: Config, 
     Q0 = round_to(W, books, scales, group_bits, gs, tile_rows, D)             # plain rounding, no compensation
     info = dict(err_rtn=rel(Q0), err=rel(Q))
     H_O = H_Od if cfg.grad == "kl" else None                                  # the model G belongs to (drift: H_O = I)
-    if shift is not None:                                                     # how far the Newton shift moved the target
+    if cfg.grad != "none":                                                    # how far the Newton shift moved the target
         info.update(shift=float((Wt - W).norm() / W.norm().clamp_min(1e-30)),
                     proxy=proxy_loss(Q - W, H, G, H_O), proxy_rtn=proxy_loss(Q0 - W, H, G, H_O))
     return vq, info
