@@ -384,14 +384,14 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, 
         G["damp"] = {}
     for name in lins:
         parts = S[share[name]]                             # per fold: [text, image, weights]
-        total = sum(float((mw * n_tok).sum()) for _, _, n_tok in parts)
-        H_I[name] = sum(mw[0] * S_txt + mw[1] * S_img for S_txt, S_img, _ in parts) / total
+        norms = [float((mw * n_tok).sum()) for _, _, n_tok in parts]
+        H_f = [mw[0] * S_txt + mw[1] * S_img for S_txt, S_img, _ in parts]
+        H_I[name] = sum(H_f) / sum(norms)
         if fp_in is not None:                              # --grad drift: G = -W R
             W = lins[name].weight.detach().float()
             R_f = [mw[0] * R_txt + mw[1] * R_img for R_txt, R_img in R[share[name]]]
-            G[name] = -W @ (sum(R_f) / total)
-            per_fold = [(mw[0] * a + mw[1] * b) / float((mw * n).sum()) for a, b, n in parts]
-            G["damp"][name] = drift_damping(W, per_fold, [r / float((mw * n).sum()) for r, (_, _, n) in zip(R_f, parts)],
+            G[name] = -W @ (sum(R_f) / sum(norms))
+            G["damp"][name] = drift_damping(W, [h / z for h, z in zip(H_f, norms)], [r / z for r, z in zip(R_f, norms)],
                                             cfg.damp)
     H_O = {n: (SO[n] / n_pos if cfg.grad != "none" else None) for n in lins}
     return H_I, H_O, G, mw
@@ -759,10 +759,10 @@ def drift_damping(W, H_f: list, R_f: list, base: float) -> float:
     best, best_loss = math.inf, 0.0
     for lam in DRIFT_DAMPING[:-1]:
         loss = 0.0
-        for (Ha, Ra), (Hb, Rb) in (((H_f[0], R_f[0]), (H_f[1], R_f[1])), ((H_f[1], R_f[1]), (H_f[0], R_f[0]))):
-            A = tikhonov(Ha, base + lam)                               # base: the metric's damping (--damp)
-            S = torch.cholesky_solve((W @ Ra).T, torch.linalg.cholesky(A)).T
-            loss += drift_loss(S, W, Hb, Rb)
+        for a, b in ((0, 1), (1, 0)):                                  # fit on half a, score on half b
+            A = tikhonov(H_f[a], base + lam)                           # base: the metric's damping (--damp)
+            S = torch.cholesky_solve((W @ R_f[a]).T, torch.linalg.cholesky(A)).T
+            loss += drift_loss(S, W, H_f[b], R_f[b])
         if loss < best_loss:
             best, best_loss = lam, loss
     return best
