@@ -1577,6 +1577,29 @@ def test_drift_damping_follows_the_evidence():
     Y = (Xb + dXb) @ W.T
     explicit = (((Y - Xb @ (W + S).T) ** 2).sum() - ((Y - Xb @ W.T) ** 2).sum()) / len(Xb)
     assert math.isclose(mgvq.drift_loss(S, W, H_f[1], R_f[1]), float(explicit), rel_tol=1e-4)
+    # the choice itself, against a brute-force cross-validation on the tokens (fit on one half's tokens, score
+    # the other half's), on a drift that is part signal, part noise, so that the answer is neither end
+    data = []
+    for _ in range(2):
+        X = torch.randn(200, n, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(0.2, 2, n)).double()
+        data.append((X, X @ M.T.double() + 0.3 * torch.randn(200, n, generator=g, dtype=torch.float64)))
+    Wd = W.double()
+
+    def cv(lam):
+        total = 0.0
+        for (Xa, dXa), (Xb, dXb) in ((data[0], data[1]), (data[1], data[0])):
+            A = Xa.T @ Xa / len(Xa)
+            A.diagonal().add_((0.01 + lam) * A.diagonal().mean())
+            S = Wd @ (dXa.T @ Xa / len(Xa)) @ torch.linalg.inv(A)
+            Y = (Xb + dXb) @ Wd.T
+            total += float((((Y - Xb @ (Wd + S).T) ** 2).sum() - ((Y - Xb @ Wd.T) ** 2).sum()) / len(Xb))
+        return total
+    losses = {lam: cv(lam) for lam in mgvq.DRIFT_DAMPING[:-1]}
+    expected = min(losses, key=losses.get) if min(losses.values()) < 0 else math.inf
+    H_f = [X.T @ X / len(X) for X, _ in data]
+    R_f = [dX.T @ X / len(X) for X, dX in data]
+    assert 0 < expected < math.inf, losses
+    assert mgvq.drift_damping(Wd, H_f, R_f, 0.01) == expected, losses
 
 
 def test_kronecker_factors_known_answer(toy):
