@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,8 @@ class Config:
     line_search: int = 3               # backtracking tries of the Newton step on the calibration KL
     token_weights: str | None = None   # none | modality | qig
     feedback: str | None = None        # ldl (exact block metric) | diag (GPTVQ's per-coordinate metric) | none
+    sequential: str = "block"          # block: H_I collected once per block | linear: re-collected before each group
+                                       # of linears fed one input (q/k/v, o, gate/up, down), earlier ones quantized
     calib: str = "synthetic"           # built-in set (the testbed's: its calib split, scenes + text), or a file:
                                        # LLaVA / ShareGPT4V JSON array or JSON lines, or COCO captions JSON
     image_folder: str | None = None    # where the calibration file's relative image paths start (default: its folder)
@@ -110,7 +112,7 @@ def resolve(cfg: Config) -> Config:
         raise ValueError(f"--method {cfg.method} is scalar: it needs --d 1")
     for k, ok in (("alloc", ("uniform", "sensitivity")), ("grad", ("none", "drift", "kl")),
                   ("token_weights", ("none", "modality", "qig")),
-                  ("feedback", ("ldl", "diag", "none"))):
+                  ("feedback", ("ldl", "diag", "none")), ("sequential", ("block", "linear"))):
         if getattr(cfg, k) not in ok:
             raise ValueError(f"--{k.replace('_', '-')} must be one of {', '.join(ok)}")
     if cfg.nsamples is None:
@@ -279,7 +281,7 @@ def fix_dead_columns(H: torch.Tensor, W: torch.Tensor):
     return int(dead.sum())
 
 
-def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, fp_in=None):
+def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, fp_in=None, mw=None):
     """Kronecker factors of one block's linears, from the *current* model (earlier blocks quantized):
       H_I = sum_t w_t x_t x_t^T / sum_t w_t        one per input (q/k/v share theirs, gate/up theirs)
       H_O = sum_t g_t g_t^T / N                    g from a backward with sampled labels (Fisher), N loss positions
@@ -288,9 +290,11 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, 
     --grad drift instead: the layer's own loss 1/2 sum_t w_t |W x_fp,t - Q x_t|^2 / sum_t w_t (its FP output,
     reproduced from the drifted input x_t = x_fp,t - dx_t), exactly l(D) above with H_O = I and
       G   = -W R,   R = sum_t w_t dx_t x_t^T / sum_t w_t          (fp_in: the block's FP inputs, one file a batch)
-    Token weights w_t: QIG (token_w), or per modality the mean block-output gradient energy |g_t|^2."""
+    Token weights w_t: QIG (token_w), or per modality the mean block-output gradient energy |g_t|^2; `mw`, the
+    modality multipliers of an earlier call, skips the backward (--sequential linear: H_I alone, re-collected).
+    Also returns the block's linears grouped by the input they are fed, in the order they are fed."""
     lins = qa.linears(block)
-    fisher = cfg.grad != "none" or cfg.token_weights != "none"
+    fisher = mw is None and (cfg.grad != "none" or cfg.token_weights != "none")
     S, R, SO, share, seen = {}, {}, {name: 0.0 for name in lins}, {}, {}
     folds = 1 if fp_in is None else 2                      # drift: odd and even batches apart, to choose its damping
     energy, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
@@ -376,7 +380,8 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, 
     for p in params:
         p.requires_grad_(False)
         p.grad = None
-    mw = torch.ones(2, dtype=torch.float64)                # modality multipliers [text, image]
+    if mw is None:
+        mw = torch.ones(2, dtype=torch.float64)            # modality multipliers [text, image]
     if fisher and token_w is None and cfg.token_weights != "none" and (count > 0).all():
         mw = energy / count
     H_I = {}
@@ -394,7 +399,21 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, 
             G["damp"][name] = drift_damping(W, [h / z for h, z in zip(H_f, norms)], [r / z for r, z in zip(R_f, norms)],
                                             cfg.damp)
     H_O = {n: (SO[n] / n_pos if cfg.grad != "none" else None) for n in lins}
-    return H_I, H_O, G, mw
+    stages = {}
+    for name in seen:                                      # first-fed order
+        stages.setdefault(share[name], []).append(name)
+    return H_I, H_O, G, mw, list(stages.values())
+
+
+def refresh_input_factors(model, block, batches, cfg: Config, token_w, gen, mw, factors: dict, bname: str, log=print):
+    """--sequential linear ("true-sequential", as reference GPTQ code does): H_I of the block's linears not yet
+    quantized, re-collected with the quantized ones in place, replaces theirs in `factors`; W, H_O, G and the
+    shift stay those of the block's first pass."""
+    H_I = block_statistics(model, block, batches, replace(cfg, grad="none"), None, token_w, gen, mw=mw)[0]
+    for n, H in H_I.items():
+        W, _, H_O = factors[n]
+        fix_dead_columns(H, W)
+        factors[n] = (W, damp_cholesky(H, cfg.damp, f"{bname}.{n} H_I", log)[0], H_O)
 
 
 # --- token weights (QIG)
@@ -1002,7 +1021,7 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
         if qig and l > 0 and id(block) in decoder:            # h = h_q before anything is quantized: modality then
             token_w = qig_token_weights(model, block, batches, fp_inputs[keep.index(block)], cfg.qig_steps)
         fp_in = fp_inputs[keep.index(block)] if drift and l > 0 else None      # no drift before anything is quantized
-        H_I, H_O, G, mw = block_statistics(model, block, batches, cfg, teacher, token_w, gen, fp_in)
+        H_I, H_O, G, mw, stages = block_statistics(model, block, batches, cfg, teacher, token_w, gen, fp_in)
         qa.release_memory()
         lins = qa.linears(block)
         factors = {n: damped_factors(lin, H_I[n], H_O[n], cfg, f"{bname}.{n}", log) for n, lin in lins.items()}
@@ -1015,19 +1034,22 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
             step, kl = line_search(model, lins, shifts, batches, teacher, G["kl"], cfg.line_search)
             shifts = {n: step * sh for n, sh in shifts.items()} if step else {}
             tqdm.write(f"{bname}: Newton step x{step:g}, calibration KL {G['kl']:.2e} -> {kl:.2e} before quantization")
-        for n, lin in lins.items():
-            name, t1 = f"{bname}.{n}", time.time()
-            bits = alloc.get(name, [cfg.bits] * (lin.in_features // cfg.group_size))
-            vq, info = quantize_linear(lin, factors[n], G.get(n), shifts.get(n), bits, cfg, gen, name)
-            parent, child = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, vq)
-            layouts[name] = vq.layout()
-            qa.release_memory()
-            row = qa.layer_row(name, vq, bits, time.time() - t1, info)            # printed as it is made
-            if G:
-                row.update(grad_norm=float(G[n].norm()), block_kl=G.get("kl"), newton_step=step,
-                           drift_damp=G.get("damp", {}).get(n))
-            layers.append(row)
+        for i, stage in enumerate(stages):                  # the linears fed one input, in the order they are fed
+            if i and cfg.sequential == "linear":
+                refresh_input_factors(model, block, batches, cfg, token_w, gen, mw, factors, bname, log)
+            for n in stage:
+                lin, name, t1 = lins[n], f"{bname}.{n}", time.time()
+                bits = alloc.get(name, [cfg.bits] * (lin.in_features // cfg.group_size))
+                vq, info = quantize_linear(lin, factors[n], G.get(n), shifts.get(n), bits, cfg, gen, name)
+                parent, child = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), child, vq)
+                layouts[name] = vq.layout()
+                qa.release_memory()
+                row = qa.layer_row(name, vq, bits, time.time() - t1, info)            # printed as it is made
+                if G:
+                    row.update(grad_norm=float(G[n].norm()), block_kl=G.get("kl"), newton_step=step,
+                               drift_damp=G.get("damp", {}).get(n))
+                layers.append(row)
         del G, factors
         per_block.append(dict(block=bname, seconds=time.time() - t0, peak_mem_gb=qa.peak_mem_gb(dev)))
         tqdm.write(f"{bname}: {per_block[-1]['seconds']:.1f}s, peak memory {per_block[-1]['peak_mem_gb']:.2f} GB")

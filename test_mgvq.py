@@ -1434,7 +1434,7 @@ def test_gradient_is_zero_before_quantization_and_kfac_predicts_kl(toy):
     layer = model.model.language_model.layers[1]
     lin = layer.mlp.down_proj
     gen = torch.Generator().manual_seed(0)
-    H_I, H_O, G, _ = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, gen)
+    H_I, H_O, G, _, _ = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, gen)
     W = lin.weight.detach().clone()
     assert G["mlp.down_proj"].abs().max() <= 1e-6 * W.abs().max()       # KL(p || p) has zero gradient
     # average the Fisher over a few label draws to tame the sampling noise of H_O
@@ -1482,7 +1482,7 @@ def test_gradient_drift_sign_and_scale_against_finite_difference(toy):
     try:
         layer = model.model.language_model.layers[1]
         cfg = mgvq.resolve(mgvq.Config(method="mgvq", token_weights="none"))
-        _, _, G, _ = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, torch.Generator().manual_seed(0))
+        _, _, G, _, _ = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, torch.Generator().manual_seed(0))
         kl = mgvq.mean_kl(model, batches, teacher)
         assert kl > 1e-4 and math.isclose(G["kl"], kl, rel_tol=1e-4)
         lins = E.linears(layer)
@@ -1529,7 +1529,7 @@ def test_drift_target_is_the_least_squares_fit_of_the_fp_outputs(toy, tmp_path):
     restore = perturbed_block0(toy)
     try:
         x_q = inputs()
-        H_I, H_O, G, _ = mgvq.block_statistics(model, layer, batches, cfg, None, None, torch.Generator(), fp_in[0])
+        H_I, H_O, G, _, _ = mgvq.block_statistics(model, layer, batches, cfg, None, None, torch.Generator(), fp_in[0])
         factors = {n: mgvq.damped_factors(lin, H_I[n], H_O[n], cfg, n) for n, lin in lins.items()}
         assert set(G["damp"]) == set(lins) and all(v in mgvq.DRIFT_DAMPING for v in G["damp"].values())
         G["damp"] = {n: 0.0 for n in lins}                   # the metric's damping only: the plain fit
@@ -1612,7 +1612,7 @@ def test_kronecker_factors_known_answer(toy):
     teacher, _ = mgvq.teacher_pass(model, batches, 64)
     layer = model.model.language_model.layers[1]
     cfg = mgvq.resolve(mgvq.Config(method="mgvq", token_weights="modality"))
-    H_I, H_O, _, mw = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, torch.Generator().manual_seed(0))
+    H_I, H_O, _, mw, _ = mgvq.block_statistics(model, layer, batches, cfg, teacher, None, torch.Generator().manual_seed(0))
     for name in ("mlp.down_proj", "self_attn.o_proj"):
         lin = layer.get_submodule(name)
         gen, xs, gs, outs = torch.Generator().manual_seed(0), [], [], []
@@ -1642,6 +1642,52 @@ def test_kronecker_factors_known_answer(toy):
         n_pos = sum(int(E.loss_mask(b).sum()) for b in batches)
         for got, want in ((H_I[name], want_I), (H_O[name], g.T @ g / n_pos)):
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()         # fp32 sums in another order
+
+
+def test_sequential_linear_recollects_h_i_behind_the_quantized_linears(toy):
+    """--sequential linear: the stages are the block's linears grouped by the input they are fed, in the order
+    they are fed; once q/k/v are replaced by something that is no longer an nn.Linear (as a VQLinear is), the
+    refreshed H_I of o_proj is the mean x x^T over the valid tokens of its input as it is now, damped as before,
+    and the replaced linears' factors are left as they were."""
+    model = toy.model.requires_grad_(False)
+    layer = model.model.language_model.layers[1]
+    batches = calib(toy, n=8)
+    cfg = mgvq.resolve(mgvq.Config(method="gptq", sequential="linear"))
+    gen = torch.Generator().manual_seed(0)
+    H_I, _, _, mw, stages = mgvq.block_statistics(model, layer, batches, cfg, None, None, gen)
+    attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert stages == [attn, ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    lins = E.linears(layer)
+    factors = {n: mgvq.damped_factors(lin, H_I[n], None, cfg, n) for n, lin in lins.items()}
+    before = {n: f[1].clone() for n, f in factors.items()}
+
+    class Moved(torch.nn.Module):                      # stands for a quantized linear: its output has moved
+        def __init__(self, lin):
+            super().__init__()
+            self.weight, self.bias = lin.weight * 1.5, lin.bias
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+    try:
+        for n in attn:
+            setattr(layer.self_attn, n.split(".")[1], Moved(lins[n]))
+        mgvq.refresh_input_factors(model, layer, batches, cfg, None, gen, mw, factors, "layer1", log=lambda m: None)
+        xs = []
+        with torch.no_grad(), E.hooked([lins["self_attn.o_proj"].register_forward_hook(lambda m, a, o: xs.append(a[0]))]):
+            for batch in batches:
+                E.forward(model, batch)
+    finally:
+        for n in attn:
+            setattr(layer.self_attn, n.split(".")[1], lins[n])
+    valid = torch.cat([(b["attention_mask"] > 0).reshape(-1) for b in batches])
+    x = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])[valid]
+    want = x.T @ x / len(x)
+    want.diagonal().add_(cfg.damp * want.diagonal().mean())
+    got = factors["self_attn.o_proj"][1]
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (before["self_attn.o_proj"] - want).abs().max() > 1e-2 * want.abs().max()   # it did move
+    for n in attn:
+        assert torch.equal(factors[n][1], before[n])
 
 
 def test_damping_ladder_recovers_and_says_so():
@@ -1759,6 +1805,7 @@ def test_same_command_gives_identical_codes_and_numbers(tmp_path):
     (["--bits", "2.5"], "invalid int value"),
     (["--d", "3"], "--d must be"),
     (["--method", "awq"], "--method must be"),
+    (["--sequential", "layer"], "--sequential must be"),
     (["--model", "/nonexistent/folder"], "does not exist"),
     (["--calib", "/nonexistent/calib.jsonl"], "does not exist"),
 ])
