@@ -405,15 +405,16 @@ def block_statistics(model, block, batches, cfg: Config, teacher, token_w, gen, 
     return H_I, H_O, G, mw, list(stages.values())
 
 
-def refresh_input_factors(model, block, batches, cfg: Config, token_w, gen, mw, factors: dict, bname: str, log=print):
-    """--sequential linear ("true-sequential", as reference GPTQ code does): H_I of the block's linears not yet
-    quantized, re-collected with the quantized ones in place, replaces theirs in `factors`; W, H_O, G and the
-    shift stay those of the block's first pass."""
-    H_I = block_statistics(model, block, batches, replace(cfg, grad="none"), None, token_w, gen, mw=mw)[0]
-    for n, H in H_I.items():
-        W, _, H_O = factors[n]
-        fix_dead_columns(H, W)
-        factors[n] = (W, damp_cholesky(H, cfg.damp, f"{bname}.{n} H_I", log)[0], H_O)
+def refresh_input_factors(model, block, batches, cfg: Config, token_w, gen, mw, factors: dict, stage: list,
+                          bname: str, log=print):
+    """--sequential linear ("true-sequential", as reference GPTQ code does): H_I of the linears of `stage`,
+    re-collected with the linears before them quantized, replaces theirs in `factors`; H_O, G and the shift stay
+    those of the block's first pass."""
+    h_only = replace(cfg, grad="none")
+    H_I, lins = block_statistics(model, block, batches, h_only, None, token_w, gen, mw=mw)[0], qa.linears(block)
+    for n in stage:
+        W, H, _ = damped_factors(lins[n], H_I[n], None, h_only, f"{bname}.{n}", log)
+        factors[n] = (W, H, factors[n][2])
 
 
 # --- token weights (QIG)
@@ -1036,7 +1037,7 @@ def quantize_model(vlm, cfg: Config, samples, log=print) -> dict:
             tqdm.write(f"{bname}: Newton step x{step:g}, calibration KL {G['kl']:.2e} -> {kl:.2e} before quantization")
         for i, stage in enumerate(stages):                  # the linears fed one input, in the order they are fed
             if i and cfg.sequential == "linear":
-                refresh_input_factors(model, block, batches, cfg, token_w, gen, mw, factors, bname, log)
+                refresh_input_factors(model, block, batches, cfg, token_w, gen, mw, factors, stage, bname, log)
             for n in stage:
                 lin, name, t1 = lins[n], f"{bname}.{n}", time.time()
                 bits = alloc.get(name, [cfg.bits] * (lin.in_features // cfg.group_size))
