@@ -1648,7 +1648,7 @@ def test_sequential_linear_recollects_h_i_behind_the_quantized_linears(toy):
     """--sequential linear: the stages are the block's linears grouped by the input they are fed, in the order
     they are fed; once q/k/v are replaced by something that is no longer an nn.Linear (as a VQLinear is), the
     refreshed H_I of o_proj is the mean x x^T over the valid tokens of its input as it is now, damped as before,
-    and the replaced linears' factors are left as they were."""
+    and the factors of the linears before and after its stage are left as they were."""
     model = toy.model.requires_grad_(False)
     layer = model.model.language_model.layers[1]
     batches = calib(toy, n=8)
@@ -1671,7 +1671,8 @@ def test_sequential_linear_recollects_h_i_behind_the_quantized_linears(toy):
     try:
         for n in attn:
             setattr(layer.self_attn, n.split(".")[1], Moved(lins[n]))
-        mgvq.refresh_input_factors(model, layer, batches, cfg, None, gen, mw, factors, "layer1", log=lambda m: None)
+        mgvq.refresh_input_factors(model, layer, batches, cfg, None, gen, mw, factors, ["self_attn.o_proj"], "layer1",
+                                   log=lambda m: None)
         xs = []
         with torch.no_grad(), E.hooked([lins["self_attn.o_proj"].register_forward_hook(lambda m, a, o: xs.append(a[0]))]):
             for batch in batches:
@@ -1686,7 +1687,7 @@ def test_sequential_linear_recollects_h_i_behind_the_quantized_linears(toy):
     got = factors["self_attn.o_proj"][1]
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert (before["self_attn.o_proj"] - want).abs().max() > 1e-2 * want.abs().max()   # it did move
-    for n in attn:
+    for n in attn + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]:   # done, or refreshed at their own turn
         assert torch.equal(factors[n][1], before[n])
 
 
@@ -1782,6 +1783,21 @@ def test_saved_model_loads_back_bit_for_bit(quantized):
     assert torch.equal(a, b)
     result = E.qa_check(again, E.make_task("eval", 40))
     assert result["accuracy"] == r["accuracy_q"]
+
+
+def test_sequential_linear_changes_only_the_layers_after_the_first_input():
+    """The driver with --sequential linear: q/k/v, fed the block's input, come out as with block statistics;
+    every later linear of the block is quantized under statistics re-collected behind them, so it differs."""
+    rows = {}
+    for seq in ("block", "linear"):
+        r = mgvq.run(mgvq.Config(method="gptq", sequential=seq, max_blocks=1, **{**SMALL, "eval_n": 0}),
+                     log=lambda *a: None)
+        rows[seq] = {row["name"].split("layers.0.")[-1]: {k: v for k, v in row.items() if k != "seconds"}
+                     for row in r["layers"]}
+    assert rows["block"].keys() == rows["linear"].keys() and len(rows["block"]) == 7
+    first = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
+    for name, row in rows["block"].items():
+        assert (row == rows["linear"][name]) == (name in first), name
 
 
 def test_same_command_gives_identical_codes_and_numbers(tmp_path):
