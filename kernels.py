@@ -366,39 +366,67 @@ def decode_part(xg, S, P, s, B: int, p: int, d: int) -> torch.Tensor:
 
 def dequantize_part(S, P, s, B: int, p: int, d: int) -> list:
     """Wᵀ of the blocks given, scaled, as Q matrices (G·C, NB·Rb): row g·C + c of matrix q is input column
-    cols[q, g, c]. All are written by the loop that decodes the bytes, 16 rows at a time: no transposing copy.
-    (One stacked (Q·G·C)-row result instead makes inductor decode every byte Q times over, then copy.)"""
+    cols[q, g, c]. All are written by the loop that decodes the bytes, 16 rows at a time: no transposing copy."""
     S = S.flatten(2, 3)
     NB, G, C, Rb = S.shape
     return [(w * s[:, :, None, :]).permute(1, 2, 0, 3).contiguous().reshape(G * C, NB * Rb)
             for w in byte_weights(S.int(), P, B, p, d)]
 
 
-def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 << 20) -> torch.Tensor:
-    """y (T, m) = x Wᵀ for many tokens: dequantize a block of rows at a time, then accumulate its matmuls. A block
-    (all its Wᵀ matrices together) takes about 16 MB (at least one row step that ends on every part's block edge):
-    freed memory past glibc's trim threshold goes back to the system and comes back as page faults (1536 × 8960 at
-    256 tokens: 28 ms in blocks of 16 MB, 34 ms in one). Returns fp32: bf16/fp16 products are summed in fp32."""
-    deq = _compiled_fn("dequantize", dequantize_part)
-    step = math.lcm(*[q["S"].shape[-1] for q in parts])                    # blocks end on every part's block edge
-    step *= max(1, block_bytes // (4 * x.shape[1] * step))
-    xs = [part_inputs(x, q).flatten(2).unbind(1) for q in parts]          # per part, Q × (T, G·C) views
-    y = torch.empty(x.shape[0], m, dtype=torch.float32, device=x.device)
-    for r0 in range(0, m, step):
-        yb, first = y[:, r0:r0 + step], True
-        for q, xq in zip(parts, xs):
-            Rb = q["S"].shape[-1]
-            S, P, s = [t[r0 // Rb:(r0 + step) // Rb] for t in (q["S"], q["P"], q["s"])]
-            S = S.permute(1, 2, 3, 0, 4).contiguous().permute(3, 0, 1, 2, 4)  # held (G, C, NB, Rb), as Wᵀ is:
-            Wts = deq(*_dynamic(S, P, s), *q["code"])                      # its rows are then written in order
-            for xj, Wt in zip(xq, Wts):
-                if x.dtype == torch.float32:
-                    torch.addmm(yb, xj, Wt, beta=0 if first else 1, out=yb)  # yb (+)= xj @ Wt
-                else:                                                      # a bf16/fp16 product, rounded once
-                    prod = (xj @ Wt.to(x.dtype)).float()
-                    yb.copy_(prod) if first else yb.add_(prod)
-                first = False
-    return y                                                               # (T, m)
+def dequantize_parts(Ss: list, Ps: list, ss: list, codes: list) -> torch.Tensor:
+    """Wᵀ of a block of W as one matrix, compiled as one call: every part's Q matrices of dequantize_part stacked
+    in order, so that row i multiplies input column cat([q["cols"][:, g0:g1].reshape(-1) for each part])[i].
+    Inductor lets the loop that decodes a part's bytes write its rows of the stacked result directly (pointwise
+    concatenation turned off: see _OPTIONS_OF): no copy, and a block is then a single matrix product."""
+    return torch.cat([Wt for S, P, s, code in zip(Ss, Ps, ss, codes) for Wt in dequantize_part(S, P, s, *code)])
+
+
+def _prefill_plan(parts: list[dict], n: int, m: int, block_bytes: int, min_rows: int):
+    """prefill_matmul's blocks, worked out once per layer (kept in its first part): rows per block; per column
+    chunk, each part's range of groups in it and the input columns of the chunk's Wᵀ rows."""
+    key = ("plan", n, m, block_bytes, min_rows)
+    if key not in parts[0]:
+        lcm = math.lcm(*[q["S"].shape[-1] for q in parts])                 # blocks end on every part's block edge
+        rows = max(lcm, min(m, max(block_bytes // (4 * n), min_rows)) // lcm * lcm)
+        chunks = min(n, max(1, -(-4 * n * rows // block_bytes)))           # column chunks per row block
+        bounds = torch.tensor([c * n // chunks for c in range(chunks)] + [n])
+        edges = [torch.searchsorted(q["cols"][0, :, 0].contiguous(), bounds).tolist() for q in parts]  # by the
+        ranges = [[(e[c], e[c + 1]) for e in edges] for c in range(chunks)]  # groups' first columns, ascending
+        ranges = [r for r in ranges if any(g1 > g0 for g0, g1 in r)]
+        cols = [torch.cat([q["cols"][:, g0:g1].reshape(-1) for q, (g0, g1) in zip(parts, r)]) for r in ranges]
+        parts[0][key] = rows, ranges, cols
+    return parts[0][key]
+
+
+def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 << 20, min_rows=2048) -> torch.Tensor:
+    """y (T, m) = x Wᵀ for many tokens: dequantize a block of W at a time (one compiled call), multiply the input's
+    columns it needs by it (one matrix product), and sum over the blocks. A block takes about 16 MB: freed memory
+    past glibc's trim threshold goes back to the system and comes back as page faults (a 55 MB Wᵀ at once costs
+    13,000 of them, 1536 × 8960). It spans at least min_rows rows (or all m), since MKL runs a product with few
+    columns slowly (256 tokens, 1536 × 8960 as 4 products of 464 rows: 50 ms, as one: 39 ms), and as many input
+    columns as then fit (whole column groups). Returns fp32: bf16/fp16 products are summed in fp32."""
+    deq = _compiled_fn("dequantize", dequantize_parts)
+    rows, ranges, cols = _prefill_plan(parts, x.shape[1], m, block_bytes, min_rows)
+    xps = [x.index_select(1, c) for c in cols]                             # (T, columns of chunk), in Wᵀ's row order
+    ys = []
+    for r0 in range(0, m, rows):
+        y = None
+        for r, xp in zip(ranges, xps):
+            blocks = []
+            for q, (g0, g1) in zip(parts, r):
+                if g1 == g0:
+                    continue
+                Rb = q["S"].shape[-1]
+                S, P, s = [t[r0 // Rb:(r0 + rows) // Rb, g0:g1] for t in (q["S"], q["P"], q["s"])]
+                blocks.append((*_dynamic(S, P, s), q["code"]))
+            Wt = deq(*map(list, zip(*blocks)))                             # (columns of the chunk, rows of the block)
+            if x.dtype == torch.float32:
+                y = xp @ Wt if y is None else torch.addmm(y, xp, Wt, out=y)
+            else:                                                          # a bf16/fp16 product, rounded once
+                prod = (xp @ Wt.to(x.dtype)).float()
+                y = prod if y is None else y.add_(prod)
+        ys.append(y)
+    return ys[0] if len(ys) == 1 else torch.cat(ys, 1)                    # (T, m)
 
 
 DECODE_TOKENS = 8       # tokens per decode call: each count compiles its own kernel (the token loop is unrolled)
@@ -410,6 +438,9 @@ _OPTIONS = {           # inductor settings of these kernels only (measured with 
     "realize_acc_reads_threshold": 10_000,
     "assert_indirect_indexing": False,    # a gather's index is < K^p by construction: no bounds check per load
     "cpp.enable_floating_point_contract_flag": "fast",  # acc + w·x as one FMA
+}
+_OPTIONS_OF = {        # and of one kernel: dequantize_parts' concatenation as a buffer its inputs write into, not a
+    "dequantize": {"max_pointwise_cat_inputs": 0},  # pointwise loop that decodes each byte once per matrix
 }
 
 
@@ -434,7 +465,7 @@ def _compiled_fn(name: str, fn):
         cfg = torch._dynamo.config
         limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # its older name
         setattr(cfg, limit, max(getattr(cfg, limit), 256))
-        _compiled[name] = torch.compile(fn, dynamic=False, options=_known(_OPTIONS))
+        _compiled[name] = torch.compile(fn, dynamic=False, options=_known({**_OPTIONS, **_OPTIONS_OF.get(name, {})}))
     return _compiled[name]
 
 

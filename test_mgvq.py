@@ -562,13 +562,19 @@ def test_pack_fields_round_trip(d):
     assert torch.equal(got, v.float())
 
 
-def test_prefill_in_several_row_blocks():
+def test_prefill_in_several_blocks(monkeypatch):
     layer = random_vq(96, 512, 2, 128, [2, 1, 3, 2], {1: 4, 2: 16, 3: 32})  # parts in blocks of 16, 16, 32 rows
     x = torch.randn(40, 512)
     parts = layer.fast_parts()
     assert [q["S"].shape[-1] for q in parts] == [16, 16, 32]                  # 1-bit tiles of 4 rows merged to 16
-    y = kernels.prefill_matmul(x, parts, layer.out_features, block_bytes=1)  # three blocks of 32 rows ...
-    y2 = kernels.prefill_matmul(x, parts, layer.out_features)                # ... or one
+    deq, blocks = kernels._compiled_fn("dequantize", kernels.dequantize_parts), []
+    monkeypatch.setitem(kernels._compiled, "dequantize", lambda Ss, *rest: blocks.append(Ss) or deq(Ss, *rest))
+    # three blocks of 32 rows, each as four products over one column group (of one part) ...
+    y = kernels.prefill_matmul(x, parts, layer.out_features, block_bytes=1, min_rows=1)
+    assert [(len(Ss), Ss[0].shape[1], Ss[0].shape[0] * Ss[0].shape[-1]) for Ss in blocks] == [(1, 1, 32)] * 12
+    blocks.clear()
+    y2 = kernels.prefill_matmul(x, parts, layer.out_features)                # ... or one block, one product
+    assert [(len(Ss), sum(S.shape[1] for S in Ss)) for Ss in blocks] == [(3, 4)]
     ref = layer.reference_forward(x) - layer.bias
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y2, ref, rtol=1e-4, atol=1e-4)
