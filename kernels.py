@@ -584,17 +584,20 @@ def _copies(layer, nbytes):
     return out, size
 
 
-def _ms(fn, items, sync, rounds=3):
-    """Best over rounds of the mean time of fn(item) over items, in ms."""
-    fn(items[0]), fn(items[-1]), sync()
-    best = float("inf")
+def _ms_pair(dense, dense_items, vq, vq_items, sync, rounds=5):
+    """(dense ms, VQ ms): for each, the best over rounds of the mean time of fn(item) over its items. The rounds
+    alternate between the two, so that a slow spell of the machine falls on both sides of the ratio."""
+    best = [float("inf"), float("inf")]
+    for fn, items in ((dense, dense_items), (vq, vq_items)):
+        fn(items[0]), fn(items[-1]), sync()                                # warm-up
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for it in items:
-            fn(it)
-        sync()
-        best = min(best, (time.perf_counter() - t0) / len(items))
-    return best * 1e3
+        for i, (fn, items) in enumerate(((dense, dense_items), (vq, vq_items))):
+            t0 = time.perf_counter()
+            for it in items:
+                fn(it)
+            sync()
+            best[i] = min(best[i], (time.perf_counter() - t0) / len(items))
+    return best[0] * 1e3, best[1] * 1e3
 
 
 def bench_layers(shapes, tokens, variants, device, dtype, cold_bytes):
@@ -609,11 +612,9 @@ def bench_layers(shapes, tokens, variants, device, dtype, cold_bytes):
             layers, vq_bytes = _copies(random_layer(m, n, **VARIANTS[name], dtype=dtype, device=device), cold_bytes)
             for T in tokens:
                 x = torch.randn(T, n, device=device, dtype=dtype)
-                dc = _ms(lambda w: F.linear(x, w), Ws, sync)
-                vc = _ms(lambda l: l(x), layers, sync)
+                dc, vc = _ms_pair(lambda w: F.linear(x, w), Ws, lambda l: l(x), layers, sync)
                 hot = 20 if T < 64 else 4
-                dh = _ms(lambda w: F.linear(x, w), [W] * hot, sync)
-                vh = _ms(lambda l: l(x), layers[:1] * hot, sync)
+                dh, vh = _ms_pair(lambda w: F.linear(x, w), [W] * hot, lambda l: l(x), layers[:1] * hot, sync)
                 rows.append(dict(shape=[m, n], variant=name, tokens=T, cache="cold", dense_ms=round(dc, 4),
                                  vq_ms=round(vc, 4), speedup=round(dc / vc, 3), hot_dense_ms=round(dh, 4),
                                  hot_vq_ms=round(vh, 4), vq_bytes=vq_bytes, dense_bytes=W.nbytes))
