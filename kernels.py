@@ -305,7 +305,7 @@ def _repack(codes, codebook, scale, base, stride: int, d: int, V: int, tile_rows
         P, s = pack_fields(codebook[:, :, digits].reshape(R, G, K**p, Q), 8), s[..., None]  # codeword j = digit j
     q = torch.arange(Q, device=dev)                                         # weight q = j·d + e of a byte
     v = torch.arange(C, device=dev)[:, None] * p + q // d                   # (C, Q): the index it belongs to
-    cols = (base[:, None, None] + stride * v + q % d).permute(2, 0, 1)      # (Q, G, C)
+    cols = (base[:, None, None] + stride * v + q % d).permute(2, 0, 1).contiguous()  # (Q, G, C): reshape is a view
     S, P, s = _dynamic(S, P.contiguous(), s.contiguous())
     return dict(S=S, P=P, s=s, cols=cols, code=(B, p, d))
 
