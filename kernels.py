@@ -584,19 +584,24 @@ def _copies(layer, nbytes):
     return out, size
 
 
-def _ms_pair(dense, dense_items, vq, vq_items, sync, rounds=5):
-    """(dense ms, VQ ms): for each, the best over rounds of the mean time of fn(item) over its items. The rounds
-    alternate between the two, so that a slow spell of the machine falls on both sides of the ratio."""
-    best = [float("inf"), float("inf")]
-    for fn, items in ((dense, dense_items), (vq, vq_items)):
-        fn(items[0]), fn(items[-1]), sync()                                # warm-up
+def _ms_pair(dense, dense_items, vq, vq_items, sync, rounds=9):
+    """(dense ms, VQ ms): for each, the best over rounds of the mean time of one call. A round times one pass over
+    dense_items, then as many calls of vq on the next vq_items in turn (cycling through them all over the rounds,
+    so that each stays cold), so that both sides are timed over windows of about the same length, side by side,
+    and a slow spell of the machine falls on both."""
+    best, n, at = [float("inf"), float("inf")], len(dense_items), 0
+    dense(dense_items[0]), vq(vq_items[0]), vq(vq_items[-1]), sync()    # warm-up
     for _ in range(rounds):
-        for i, (fn, items) in enumerate(((dense, dense_items), (vq, vq_items))):
-            t0 = time.perf_counter()
-            for it in items:
-                fn(it)
-            sync()
-            best[i] = min(best[i], (time.perf_counter() - t0) / len(items))
+        t0 = time.perf_counter()
+        for it in dense_items:
+            dense(it)
+        sync()
+        best[0] = min(best[0], (time.perf_counter() - t0) / n)
+        t0 = time.perf_counter()
+        for i in range(at, at + n):
+            vq(vq_items[i % len(vq_items)])
+        sync()
+        best[1], at = min(best[1], (time.perf_counter() - t0) / n), at + n
     return best[0] * 1e3, best[1] * 1e3
 
 
