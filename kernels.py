@@ -584,24 +584,31 @@ def _copies(layer, nbytes):
     return out, size
 
 
-def _ms_pair(dense, dense_items, vq, vq_items, sync, rounds=9):
-    """(dense ms, VQ ms): for each, the best over rounds of the mean time of one call. A round times one pass over
-    dense_items, then as many calls of vq on the next vq_items in turn (cycling through them all over the rounds,
-    so that each stays cold), so that both sides are timed over windows of about the same length, side by side,
-    and a slow spell of the machine falls on both."""
-    best, n, at = [float("inf"), float("inf")], len(dense_items), 0
-    dense(dense_items[0]), vq(vq_items[0]), vq(vq_items[-1]), sync()    # warm-up
-    for _ in range(rounds):
+def _ms_pair(dense, dense_items, vq, vq_items, sync, window_ms=20.0, side_s=1.0, rounds=(9, 200)):
+    """(dense ms, VQ ms): for each, the best over rounds of the mean time of one call. Rounds alternate: each times
+    k calls of dense on the next dense_items in turn, then k calls of vq on the next vq_items in turn (each side
+    cycles through all its items over the rounds, so that an item is cold when it comes round again). k makes a
+    window of about window_ms, the same k on both sides; there are as many rounds as fit in about side_s a side
+    (within `rounds`). Short windows, many of them, alternating: on a shared machine whose speed comes and goes,
+    each side's best window is one that no slow spell fell on, and a spell falls on both sides alike."""
+    at = [0, 0]
+    def window(f, items, side, k):
         t0 = time.perf_counter()
-        for it in dense_items:
-            dense(it)
+        for i in range(at[side], at[side] + k):
+            f(items[i % len(items)])
         sync()
-        best[0] = min(best[0], (time.perf_counter() - t0) / n)
-        t0 = time.perf_counter()
-        for i in range(at, at + n):
-            vq(vq_items[i % len(vq_items)])
-        sync()
-        best[1], at = min(best[1], (time.perf_counter() - t0) / n), at + n
+        at[side] += k
+        return (time.perf_counter() - t0) / k
+    for f, items in ((dense, dense_items), (vq, vq_items)):                # warm-up
+        f(items[0]), f(items[-1])
+    sync()
+    t = max(window(dense, dense_items, 0, 1), window(vq, vq_items, 1, 1))
+    k = max(1, round(window_ms / 1e3 / t))
+    n = min(rounds[1], max(rounds[0], round(side_s / (k * t))))
+    best = [float("inf"), float("inf")]
+    for _ in range(n):
+        best[0] = min(best[0], window(dense, dense_items, 0, k))
+        best[1] = min(best[1], window(vq, vq_items, 1, k))
     return best[0] * 1e3, best[1] * 1e3
 
 
@@ -618,8 +625,7 @@ def bench_layers(shapes, tokens, variants, device, dtype, cold_bytes):
             for T in tokens:
                 x = torch.randn(T, n, device=device, dtype=dtype)
                 dc, vc = _ms_pair(lambda w: F.linear(x, w), Ws, lambda l: l(x), layers, sync)
-                hot = 20 if T < 64 else 4
-                dh, vh = _ms_pair(lambda w: F.linear(x, w), [W] * hot, lambda l: l(x), layers[:1] * hot, sync)
+                dh, vh = _ms_pair(lambda w: F.linear(x, w), [W], lambda l: l(x), layers[:1], sync)
                 rows.append(dict(shape=[m, n], variant=name, tokens=T, cache="cold", dense_ms=round(dc, 4),
                                  vq_ms=round(vc, 4), speedup=round(dc / vc, 3), hot_dense_ms=round(dh, 4),
                                  hot_vq_ms=round(vh, 4), vq_bytes=vq_bytes, dense_bytes=W.nbytes))
