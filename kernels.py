@@ -197,7 +197,7 @@ class VQLinear(nn.Module):
 # compiled kernels read best. Measured with `python kernels.py --bench` on a 2-core AVX-512 CPU, torch 2.13:
 #   - inductor writes an indexed load (a gather) as a scalar loop, about 6 instructions per element, so gathers
 #     are what to avoid. With K ≤ 16 codewords an index is decoded by a SELECT TREE instead: its B bits become
-#     B all-ones/zero masks, and K - 1 bitwise selects `a ^ (m & (a ^ b))` (= m ? b : a, one vpternlogd each)
+#     B all-ones/zero masks, and K - 1 bitwise selects `(a & ~m) | (b & m)` (= m ? b : a, one vpternlogd each)
 #     pick the codeword out of K values held in registers: no memory access, all vector.
 #   - one int32 word carries the codewords of h = min(p, 4 // d) indices of a byte (h·d int8 fields, taken out
 #     with two shifts each): each of the h slots holds the whole codebook, and a mask is all ones over slot j
@@ -314,9 +314,11 @@ def _repack(codes, codebook, scale, base, stride: int, d: int, V: int, tile_rows
 
 def select(masks: list, values: list) -> torch.Tensor:
     """values[i] for the index i whose bit k is masks[k] (all ones or zero), lane by lane: a tree of bitwise
-    selects, bit 0 first (values 2j and 2j + 1 differ in bit 0)."""
+    selects, bit 0 first (values 2j and 2j + 1 differ in bit 0). Written with each branch read once: inductor
+    re-derives an inlined operand at every use while it generates code, so `a ^ (m & (a ^ b))` (the same
+    vpternlogd) made the compile slower; see byte_weights."""
     for m in masks:
-        values = [a ^ (m & (a ^ b)) for a, b in zip(values[0::2], values[1::2])]
+        values = [(a & ~m) | (b & m) for a, b in zip(values[0::2], values[1::2])]
     return values[0]
 
 
@@ -330,14 +332,21 @@ def byte_weights(v: torch.Tensor, P: torch.Tensor, B: int, p: int, d: int) -> li
         values = [P[:, :, k, None, :] for k in range(2**B)]                 # (NB, G, 1, L) each, broadcast
         weights = []
         for j0 in range(0, p, h):                                          # indices j0 .. j0 + h - 1
+            # Each operand below is read once where one product can stand for a shift-and-combine: inductor
+            # re-derives an inlined value at every use while it generates a kernel (each mask is read by
+            # several selects, each weight by every token), and gcc turns the products by constants back into
+            # the same shifts. Measured (fresh cache): the first 8-token call of test LAYOUTS[0] 102 s -> 48 s.
             u = v >> (B * j0)
-            spread = u                                                     # index j0 + j's bits at j·width
-            for j in range(1, h):                                          # (other bits land where no mask looks)
-                spread = spread | (u << (j * (width - B)))
+            if width - B >= p * B:                                         # u's shifted copies do not overlap,
+                spread = u * sum(1 << (j * (width - B)) for j in range(h))  # so their sum is their OR
+            else:
+                spread = u                                                 # index j0 + j's bits at j·width
+                for j in range(1, h):                                      # (other bits land where no mask looks)
+                    spread = spread | (u << (j * (width - B)))
             if h == 1:                                                     # bit i, smeared by two shifts
                 masks = [(u << (31 - i)) >> 31 for i in range(B)]
-            else:                                                          # bit i of each index, over its slot
-                masks = [(t << width) - t for t in [(spread >> i) & ones for i in range(B)]]
+            else:                                                          # bit i of each index, over its slot:
+                masks = [((spread >> i) & ones) * (2**width - 1) for i in range(B)]  # t·(2^w - 1) = (t << w) - t
             word = select(masks, values)
             weights += [unpack_field(word, f, 32 // (h * d)) for f in range(h * d)]
         return weights
