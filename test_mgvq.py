@@ -651,10 +651,12 @@ def test_decode_never_materialises_the_weight():
         assert _largest_allocation(lambda: layer(torch.randn(T, n))) < dense_bytes // 8
 
 
-def test_no_recompilation_after_warm_up():
+def test_no_recompilation_after_warm_up(monkeypatch):
     tr = {1: 4, 2: 16, 3: 64}
-    # 1 and 8 tokens (and 17, chunks of 8, 8, 1) decode, 32 prefill; other decode counts compile their own kernels
-    # in the same way (test_fast_path_equals_reference covers 3), at ~50 s a count here, cold
+    # 1 token and a full chunk (and two chunks and one more) decode, 32 prefill. Chunks of 2 instead of 8: what
+    # is checked, that a new layer of a known family finds its kernels, does not depend on the chunk's length,
+    # and a 2-token kernel compiles in a fraction of an 8-token one (test_fast_path_equals_reference runs 8)
+    monkeypatch.setattr(kernels, "DECODE_TOKENS", 2)
     token_counts = [1, kernels.DECODE_TOKENS, 2 * kernels.DECODE_TOKENS + 1, kernels.PREFILL_MIN_TOKENS]
     # warm-up: each family once (a part with one group or one row tile is its own family: torch specialises 1)
     warm = [random_vq(64, 512, 2, 128, [1, 2, 3, 2], tr), random_vq(128, 768, 2, 128, [1, 3, 2, 2, 1, 3], tr)]
