@@ -314,9 +314,8 @@ def _repack(codes, codebook, scale, base, stride: int, d: int, V: int, tile_rows
 
 def select(masks: list, values: list) -> torch.Tensor:
     """values[i] for the index i whose bit k is masks[k] (all ones or zero), lane by lane: a tree of bitwise
-    selects, bit 0 first (values 2j and 2j + 1 differ in bit 0). Written with each branch read once: inductor
-    re-derives an inlined operand at every use while it generates code, so `a ^ (m & (a ^ b))` (the same
-    vpternlogd) made the compile slower; see byte_weights."""
+    selects, bit 0 first (values 2j and 2j + 1 differ in bit 0). Each branch is read once, for compile time
+    (see byte_weights); gcc makes the same vpternlogd of it as of `a ^ (m & (a ^ b))`."""
     for m in masks:
         values = [(a & ~m) | (b & m) for a, b in zip(values[0::2], values[1::2])]
     return values[0]
