@@ -204,11 +204,16 @@ class VQLinear(nn.Module):
 #     where bit i of index j is set, so one tree decodes h indices at once (2-bit d = 2: two, 64 weights/tree).
 #   - the vector lanes run over rows that share a codebook (a row tile), so each codeword is broadcast once per
 #     (tile × group); tiles of fewer than 16 rows are merged into 16-row blocks with a per-lane codebook copy.
-#   - p indices per byte (p·B ≤ 8), one 16-byte load feeds 16 rows. A row block's C bytes per group are stored in
+#   - p indices per byte (p·B ≤ 8; but see the next point), one 16-byte load feeds 16 rows. A row block's C bytes per group are stored in
 #     planes of Cl = gcd(C, 8) bytes, (C/Cl, block, group, Cl, row): at 2-bit d=2 (C = 32) a (block × group) step
 #     reads 4 runs of 128 bytes, which the hardware prefetchers follow and fetch side by side. Cold, 1 token,
 #     2-bit d=2 (8960 × 1536 / 1536² / 3840 × 1280): 1.21 / 0.26 / 0.47 ms with all C bytes in one run,
 #     0.93 / 0.21 / 0.37 in planes of 8 or 4, and 1.05 / 0.22 / 0.70 in planes of 1 (32 runs of 16 bytes).
+#   - 3- and 4-bit scalar indices (d = 1) would fill only two of a word's four slots, two to a byte; instead 8
+#     of them share an int32, two nibbles a byte (_index_shifts), and `word`, `word >> 4` each give four indices
+#     one to a slot: a tree decodes four at the same memory per index. 1536², hot, one process, old / new layout:
+#     3-bit per coordinate 1 token 0.360 / 0.232 ms, 4 tokens 0.373 / 0.310; the mgvq mix 0.288 / 0.241 and
+#     0.428 / 0.393. (Planes of 2 int32 words instead of 8 words: no change, 1.00 ± 0.03.)
 #   - larger codebooks (3-bit d=2: K = 64; 2-bit d=4: K = 256) keep a gather, of one int32 that holds up to 4
 #     weights: p consecutive codewords read as one super-index into the tile's product codebook. That is 2.7x
 #     slower than a tree (1536², 1 token, one thread: 3-bit d=2 joint 1.28 ms, per coordinate 0.48 ms), so
@@ -248,6 +253,19 @@ def _per_index(B: int, V: int, most: int) -> int:
     return p
 
 
+def _nibbles(B: int, p: int) -> bool:
+    """A tree part whose word is an int32 of 8 scalar indices of 3 or 4 bits (see _index_shifts)."""
+    return B <= SELECT_MAX_BITS and p * B > 8
+
+
+def _index_shifts(B: int, p: int) -> list[int]:
+    """The bit where index j of a word starts: j·B (packed), or for _nibbles j < 4 at 8j and j ≥ 4 at 8(j-4) + 4,
+    two nibbles per byte, so that `word` and `word >> 4` each hold 4 indices one to a byte: one tree decodes four
+    of them, without moving bits into the slots (packed, a 3- or 4-bit scalar word holds two indices: one tree
+    decodes two, at the same memory per index)."""
+    return [8 * (j % 4) + 4 * (j // 4) for j in range(p)] if _nibbles(B, p) else [B * j for j in range(p)]
+
+
 def _dynamic(*ts):
     for t in ts:  # blocks and groups vary from layer to layer: one compiled kernel serves them all
         torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -275,8 +293,9 @@ def repack_part(codes, codebook, scale, groups, d: int, group_size: int, tile_ro
 def _repack(codes, codebook, scale, base, stride: int, d: int, V: int, tile_rows: int, B: int) -> dict:
     """The fast path's tensors of G groups of V indices of B bits, codewords of length d; index v of group g
     stands for input columns base[g] + stride·v + (0 .. d-1):
-      S    (NB, G, C/Cl, Cl, Rb) uint8 (int16/int32 past 8 bits)  p indices per byte; blocks of Rb rows, C = V / p
-           bytes per group, in planes of Cl = gcd(C, PLANE_BYTES): a view of (C/Cl, NB, G, Cl, Rb) memory
+      S    (NB, G, C/Cl, Cl, Rb) uint8 (int16/int32 past 8 bits)  p indices per word (at _index_shifts); blocks
+           of Rb rows, C = V / p words per group, in planes of Cl = gcd(C, PLANE_BYTES): a view of (C/Cl, NB, G,
+           Cl, Rb) memory
       P    select: (NB, G, K, L) int32 codeword k, h times over (L = 1: shared by the block's rows; L = Rb: per row)
            gather: (NB, G, K^p) int32 product codewords (p·d int8 fields of 8 bits)
       s    (NB, G, L) fp32 scales;  cols (Q, G, C) the input column of weight q of byte c of group g, Q = p·d
@@ -285,15 +304,21 @@ def _repack(codes, codebook, scale, base, stride: int, d: int, V: int, tile_rows
     dev = codes.device
     tree = B <= SELECT_MAX_BITS                                            # select tree, else gather
     p = _per_index(B, V, most=8) if tree else _per_index(B, V, most=max(1, 4 // d))
+    if tree and d == 1 and B > 2 and V % 8 == 0:                           # 3- and 4-bit scalars: 8 in an int32
+        p = 8
     C, Q = V // p, p * d
     idx = unpack_codes(codes, B, G * V).reshape(m, G, C, p)
-    byte = (idx << (B * torch.arange(p, device=dev))).sum(-1)              # (m, G, C): index j in bits [jB, (j+1)B)
+    shifts = _index_shifts(B, p)
+    byte = (idx << torch.tensor(shifts, device=dev)).sum(-1)               # (m, G, C): index j from bit shifts[j]
+    word_bits = shifts[-1] + B
     merge = tree and tile_rows < LANES and m % LANES == 0
     Rb = LANES if merge else tile_rows
     tile = torch.arange(m, device=dev).reshape(m // Rb, Rb) // tile_rows  # (NB, Rb): each row's tile
     Cl = math.gcd(C, PLANE_BYTES)
     S = byte.reshape(m // Rb, Rb, G, C // Cl, Cl).permute(3, 0, 2, 4, 1)   # stored (C/Cl, NB, G, Cl, Rb), see above
-    S = S.to(torch.uint8 if p * B <= 8 else torch.int16 if p * B <= 15 else torch.int32).contiguous()
+    if word_bits > 15:
+        S = (S + 2**31) % 2**32 - 2**31                                    # the 32-bit pattern as int32
+    S = S.to(torch.uint8 if word_bits <= 8 else torch.int16 if word_bits <= 15 else torch.int32).contiguous()
     S = S.permute(1, 2, 0, 3, 4)                                           # read as (NB, G, C/Cl, Cl, Rb)
     s = scale.float()
     if tree:
@@ -323,11 +348,13 @@ def select(masks: list, values: list) -> torch.Tensor:
 
 def byte_weights(v: torch.Tensor, P: torch.Tensor, B: int, p: int, d: int) -> list:
     """The p·d unscaled weights (fp32, each shaped like v) that the index words v (NB, G, C, Rb) stand for, in
-    the order of `cols`: weight j·d + e is value e of index j (index j in bits [jB, (j+1)B) of its word)."""
+    the order of `cols`: weight j·d + e is value e of index j (index j from bit _index_shifts(B, p)[j])."""
     if B <= SELECT_MAX_BITS:
-        h = _slots(p, d)                                                   # indices decoded per word
+        h = _slots(p, d)                                                   # indices decoded per tree
         width = 32 // h                                                    # bits of one index's slot
         ones = sum(1 << (j * width) for j in range(h))                     # bit 0 of every slot
+        shifts = _index_shifts(B, p)
+        f = shifts[1] - shifts[0] if p > 1 else B                          # bits from one index to the next
         values = [P[:, :, k, None, :] for k in range(2**B)]                 # (NB, G, 1, L) each, broadcast
         weights = []
         for j0 in range(0, p, h):                                          # indices j0 .. j0 + h - 1
@@ -335,13 +362,15 @@ def byte_weights(v: torch.Tensor, P: torch.Tensor, B: int, p: int, d: int) -> li
             # re-derives an inlined value at every use while it generates a kernel (each mask is read by
             # several selects, each weight by every token), and gcc turns the products by constants back into
             # the same shifts. Measured (fresh cache): the first 8-token call of test LAYOUTS[0] 102 s -> 48 s.
-            u = v >> (B * j0)
-            if width - B >= p * B:                                         # u's shifted copies do not overlap,
-                spread = u * sum(1 << (j * (width - B)) for j in range(h))  # so their sum is their OR
+            u = v >> shifts[j0]
+            if f == width:                                                 # _nibbles: one index a slot already
+                spread = u
+            elif width - f >= p * f:                                       # u's shifted copies do not overlap,
+                spread = u * sum(1 << (j * (width - f)) for j in range(h))  # so their sum is their OR
             else:
                 spread = u                                                 # index j0 + j's bits at j·width
                 for j in range(1, h):                                      # (other bits land where no mask looks)
-                    spread = spread | (u << (j * (width - B)))
+                    spread = spread | (u << (j * (width - f)))
             if h == 1:                                                     # bit i, smeared by two shifts
                 masks = [(u << (31 - i)) >> 31 for i in range(B)]
             else:                                                          # bit i of each index, over its slot:
@@ -390,8 +419,9 @@ def dequantize_parts(Ss: list, Ps: list, ss: list, codes: list) -> torch.Tensor:
 
 
 def _prefill_plan(parts: list[dict], n: int, m: int, block_bytes: int, min_rows: int):
-    """prefill_matmul's blocks, worked out once per layer (kept in its first part): rows per block; per column
-    chunk, each part's range of groups in it and the input columns of the chunk's Wᵀ rows."""
+    """prefill_matmul's blocks, worked out once per layer (kept in its first part): per column chunk, the input
+    columns of its Wᵀ rows; per block of rows, per chunk, the dequantize call's arguments (views of the parts'
+    tensors: slicing them at every call costs ~0.2 ms, 1536², 256 tokens)."""
     key = ("plan", n, m, block_bytes, min_rows)
     if key not in parts[0]:
         lcm = math.lcm(*[q["S"].shape[-1] for q in parts])                 # blocks end on every part's block edge
@@ -402,7 +432,19 @@ def _prefill_plan(parts: list[dict], n: int, m: int, block_bytes: int, min_rows:
         ranges = [[(e[c], e[c + 1]) for e in edges] for c in range(chunks)]  # groups' first columns, ascending
         ranges = [r for r in ranges if any(g1 > g0 for g0, g1 in r)]
         cols = [torch.cat([q["cols"][:, g0:g1].reshape(-1) for q, (g0, g1) in zip(parts, r)]) for r in ranges]
-        parts[0][key] = rows, ranges, cols
+        blocks = []
+        for r0 in range(0, m, rows):
+            calls = []
+            for r in ranges:
+                args = []
+                for q, (g0, g1) in zip(parts, r):
+                    if g1 > g0:
+                        Rb = q["S"].shape[-1]
+                        S, P, s = [t[r0 // Rb:(r0 + rows) // Rb, g0:g1] for t in (q["S"], q["P"], q["s"])]
+                        args.append((*_dynamic(S, P, s), q["code"]))
+                calls.append(list(map(list, zip(*args))))                  # Ss, Ps, ss, codes
+            blocks.append(calls)
+        parts[0][key] = cols, blocks
     return parts[0][key]
 
 
@@ -414,20 +456,13 @@ def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 <<
     columns slowly (256 tokens, 1536 × 8960 as 4 products of 464 rows: 50 ms, as one: 39 ms), and as many input
     columns as then fit (whole column groups). Returns fp32: bf16/fp16 products are summed in fp32."""
     deq = _compiled_fn("dequantize", dequantize_parts)
-    rows, ranges, cols = _prefill_plan(parts, x.shape[1], m, block_bytes, min_rows)
+    cols, blocks = _prefill_plan(parts, x.shape[1], m, block_bytes, min_rows)
     xps = [x.index_select(1, c) for c in cols]                             # (T, columns of chunk), in Wᵀ's row order
     ys = []
-    for r0 in range(0, m, rows):
+    for calls in blocks:
         y = None
-        for r, xp in zip(ranges, xps):
-            blocks = []
-            for q, (g0, g1) in zip(parts, r):
-                if g1 == g0:
-                    continue
-                Rb = q["S"].shape[-1]
-                S, P, s = [t[r0 // Rb:(r0 + rows) // Rb, g0:g1] for t in (q["S"], q["P"], q["s"])]
-                blocks.append((*_dynamic(S, P, s), q["code"]))
-            Wt = deq(*map(list, zip(*blocks)))                             # (columns of the chunk, rows of the block)
+        for args, xp in zip(calls, xps):
+            Wt = deq(*args)                                                # (columns of the chunk, rows of the block)
             if x.dtype == torch.float32:
                 y = xp @ Wt if y is None else torch.addmm(y, xp, Wt, out=y)
             else:                                                          # a bf16/fp16 product, rounded once
@@ -587,7 +622,8 @@ def _copies(layer, nbytes):
         c._fast = []
         for q in parts:
             S, P, s = _dynamic(q["S"].clone(), q["P"].clone(), q["s"].clone())
-            c._fast.append(dict(q, S=S, P=P, s=s, cols=q["cols"].clone()))
+            own = {k: v for k, v in q.items() if isinstance(k, str)}      # not a prefill plan: it holds views
+            c._fast.append(dict(own, S=S, P=P, s=s, cols=q["cols"].clone()))  # of the original's tensors
         out.append(c)
     return out, size
 

@@ -540,15 +540,23 @@ def test_select_tree_picks_every_index(B):
 
 @pytest.mark.parametrize("b,d", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (2, 2), (1, 4)])
 def test_byte_weights_decode_every_byte(b, d):
-    # brute force: every value of an index byte, one per lane, decodes to the codewords of its p indices, with
-    # the codebook as repack_part lays it out, whether a tree decodes one index per int32 word or several
+    # brute force: every value of an index word, one per lane (where a word holds at most 12 bits; else every
+    # index of it at every value, the others random), decodes to the codewords of its p indices, with the
+    # codebook as repack_part lays it out, whether a tree decodes one index per int32 word or several
     layer = random_vq(16, 128, d, 128, [b], {b: 16}, seed=10 * b + d)
     part = layer.fast_parts()[0]
     B, p, _ = part["code"]
     assert B == b * d <= kernels.SELECT_MAX_BITS
-    v = torch.arange(2 ** (p * B), dtype=torch.int32).reshape(1, 1, 1, -1)   # (block, group, byte, lane)
+    assert kernels._nibbles(B, p) == (d == 1 and b > 2)                     # 3- and 4-bit scalars: 8 a word
+    assert kernels._index_shifts(3, 8) == [0, 8, 16, 24, 4, 12, 20, 28]         # two nibbles a byte
+    if p * B <= 12:
+        idx = (torch.arange(2 ** (p * B))[:, None] >> (B * torch.arange(p))) & (2**B - 1)  # (lanes, p)
+    else:
+        idx = torch.randint(0, 2**B, (4096, p), generator=torch.Generator().manual_seed(b))
+        idx[:2**B] = torch.arange(2**B)[:, None]                           # index j = k in lane k, every j
+    word = (idx << torch.tensor(kernels._index_shifts(B, p))).sum(-1)      # index j from bit shifts[j]
+    v = ((word + 2**31) % 2**32 - 2**31).to(torch.int32).reshape(1, 1, 1, -1)  # (block, group, word, lane)
     got = torch.stack([w.reshape(-1) for w in kernels.byte_weights(v, part["P"][:1, :1], B, p, d)], -1)
-    idx = (v.reshape(-1, 1) >> (B * torch.arange(p))) & (2**B - 1)          # (lanes, p): index j of each byte
     codebook = getattr(layer, f"codebook_{b}")[0, 0]                          # tile 0, group 0: (K, d) int8
     assert torch.equal(got, codebook[idx].reshape(-1, p * d).float())        # weight j·d + e: value e of index j
 
