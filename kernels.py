@@ -204,8 +204,9 @@ class VQLinear(nn.Module):
 #     where bit i of index j is set, so one tree decodes h indices at once (2-bit d = 2: two, 64 weights/tree).
 #   - the vector lanes run over rows that share a codebook (a row tile), so each codeword is broadcast once per
 #     (tile × group); tiles of fewer than 16 rows are merged into 16-row blocks with a per-lane codebook copy.
-#   - p indices per byte (p·B ≤ 8; but see the next point), one 16-byte load feeds 16 rows. A row block's C bytes per group are stored in
-#     planes of Cl = gcd(C, 8) bytes, (C/Cl, block, group, Cl, row): at 2-bit d=2 (C = 32) a (block × group) step
+#   - p indices per byte (p·B ≤ 8; 3- and 4-bit scalars: see the next point but one), one 16-byte load feeds
+#     16 rows. A row block's C bytes per group are stored in planes of Cl = gcd(C, 8) bytes, (C/Cl, block,
+#     group, Cl, row): at 2-bit d=2 (C = 32) a (block × group) step
 #     reads 4 runs of 128 bytes, which the hardware prefetchers follow and fetch side by side. Cold, 1 token,
 #     2-bit d=2 (8960 × 1536 / 1536² / 3840 × 1280): 1.21 / 0.26 / 0.47 ms with all C bytes in one run,
 #     0.93 / 0.21 / 0.37 in planes of 8 or 4, and 1.05 / 0.22 / 0.70 in planes of 1 (32 runs of 16 bytes).
