@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from kernels import VQLinear
+from kernels import VQLinear, transformers_error
 
 HERE = Path(__file__).resolve().parent
 TOY_DIR = HERE / "toy"
@@ -1436,6 +1436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="training steps (toy 2000, testbed 3400)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     args = p.parse_args(argv)
+    if error := transformers_error():
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from transformers.utils import logging
     logging.set_verbosity_error()   # hides the "torchvision missing, using the PIL backend" notice
     logging.disable_progress_bar()

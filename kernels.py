@@ -14,7 +14,8 @@ Saved buffers, per distinct bit-width b (G_b groups with b bits, R_b = m // tile
   codebook_{b} int8  (R_b, G_b, K_b, d)      joint: K_b = 2**(b·d), codeword k = [k, :];
                                             per coordinate: K_b = 2**b, coordinate e of index k = [(k >> e·b) % K_b, e]
   scale_{b}    fp16  (R_b, G_b)
-This file imports torch only (the benchmark's whole-model figure imports transformers inside `bench_decode`).
+This file imports torch only (the benchmark's whole-model figure, and `transformers_error`, import transformers
+inside the function).
 `dequantize` + `F.linear` is the plain reference; the fast path (repack once, then compiled kernels) is below it.
 """
 import copy
@@ -29,6 +30,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def transformers_error() -> str | None:
+    """Why transformers cannot load its models next to this file, or None. transformers imports the pip package
+    `kernels` wherever a version it accepts is installed (from transformers 5.25 on it always is: a dependency),
+    and this file, first on the path under that name, stands in its place: `from kernels import CUDAProperties`
+    fails. requirements.txt keeps transformers below 5.25; this names the cause in one line before any work."""
+    try:
+        import transformers.activations  # noqa: F401   (the module that imports the package `kernels`)
+    except ImportError as e:
+        if __file__ not in str(e):
+            raise
+        import transformers
+        return (f"transformers {transformers.__version__} imports the package `kernels`, which this project's "
+                "kernels.py shadows: pip install 'transformers>=5.0,<5.25', and pip uninstall kernels if that "
+                "is not enough")
+    return None
 
 
 # --- bit packing
@@ -761,6 +779,8 @@ def main():
     ap.add_argument("--no-decode", action="store_true", help="only the layer figures")
     ap.add_argument("--cold-mb", type=int, default=512, help="distinct weight copies cycled for the cold figure")
     args = ap.parse_args()
+    if not (args.quick or args.no_decode) and (error := transformers_error()):
+        ap.exit(2, f"error: {error}\n")                                 # before the layer figures, not after
     VARIANTS["mgvq"] = mgvq_variant(args.mgvq_json)
     VARIANTS["mgvq-small-tiles"] = mgvq_variant(args.mgvq_json, SMALL_TILE_ROWS)
     for v in args.variants.split(",") + args.decode_variant.split(","):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import eval as qa
-from kernels import VQLinear
+from kernels import VQLinear, transformers_error
 
 
 # --- config
@@ -1164,6 +1164,8 @@ def main(argv=None) -> int:
     logging.disable_progress_bar()
     try:
         cfg, args = parse_args(argv)
+        if error := transformers_error():
+            raise ValueError(error)
         if args.ablation:
             print(json.dumps(ablation(cfg, only=args.rows.split(",") if args.rows else None)))
             return 0
