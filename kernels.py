@@ -248,10 +248,14 @@ SELECT_MAX_BITS = 4  # index bits decoded by a select tree (K ≤ 16); more: a g
 LANES = 16           # fp32 lanes of an AVX-512 register: tiles with fewer rows are merged up to this
 
 
+def as_int32(word: torch.Tensor) -> torch.Tensor:
+    """int64 words of 32 bits -> int32 of the same bit pattern (bit 31 set: negative)."""
+    return ((word + 2**31) % 2**32 - 2**31).to(torch.int32)
+
+
 def pack_fields(values: torch.Tensor, width: int) -> torch.Tensor:
     """(..., k) int8 -> (...) int32 with value j in bits [j·width, (j+1)·width), two's complement."""
-    word = sum((values[..., j].long() & (2**width - 1)) << (j * width) for j in range(values.shape[-1]))
-    return ((word + 2**31) % 2**32 - 2**31).to(torch.int32)                # the 32-bit pattern as int32
+    return as_int32(sum((values[..., j].long() & (2**width - 1)) << (j * width) for j in range(values.shape[-1])))
 
 
 def unpack_field(word: torch.Tensor, j: int, width: int) -> torch.Tensor:
@@ -270,6 +274,14 @@ def _per_index(B: int, V: int, most: int) -> int:
     while 2 * p <= most and 2 * p * B <= 8 and V % (2 * p) == 0:
         p *= 2
     return p
+
+
+def _per_word(B: int, V: int, d: int) -> int:
+    """Indices per word of S: a tree's, as many as fit a byte, but 8 for 3- and 4-bit scalars (an int32 of two
+    nibbles a byte: _nibbles); a gather's, as many as make one super-index of at most 4 weights."""
+    if B > SELECT_MAX_BITS:
+        return _per_index(B, V, most=max(1, 4 // d))
+    return 8 if d == 1 and B > 2 and V % 8 == 0 else _per_index(B, V, most=8)
 
 
 def _nibbles(B: int, p: int) -> bool:
@@ -322,9 +334,7 @@ def _repack(codes, codebook, scale, base, stride: int, d: int, V: int, tile_rows
     m, (R, G, K, _) = codes.shape[0], codebook.shape
     dev = codes.device
     tree = B <= SELECT_MAX_BITS                                            # select tree, else gather
-    p = _per_index(B, V, most=8) if tree else _per_index(B, V, most=max(1, 4 // d))
-    if tree and d == 1 and B > 2 and V % 8 == 0:                           # 3- and 4-bit scalars: 8 in an int32
-        p = 8
+    p = _per_word(B, V, d)
     C, Q = V // p, p * d
     idx = unpack_codes(codes, B, G * V).reshape(m, G, C, p)
     shifts = _index_shifts(B, p)
@@ -335,9 +345,8 @@ def _repack(codes, codebook, scale, base, stride: int, d: int, V: int, tile_rows
     tile = torch.arange(m, device=dev).reshape(m // Rb, Rb) // tile_rows  # (NB, Rb): each row's tile
     Cl = math.gcd(C, PLANE_BYTES)
     S = byte.reshape(m // Rb, Rb, G, C // Cl, Cl).permute(3, 0, 2, 4, 1)   # stored (C/Cl, NB, G, Cl, Rb), see above
-    if word_bits > 15:
-        S = (S + 2**31) % 2**32 - 2**31                                    # the 32-bit pattern as int32
-    S = S.to(torch.uint8 if word_bits <= 8 else torch.int16 if word_bits <= 15 else torch.int32).contiguous()
+    S = S.to(torch.uint8) if word_bits <= 8 else S.to(torch.int16) if word_bits <= 15 else as_int32(S)
+    S = S.contiguous()
     S = S.permute(1, 2, 0, 3, 4)                                           # read as (NB, G, C/Cl, Cl, Rb)
     s = scale.float()
     if tree:

@@ -557,7 +557,7 @@ def test_byte_weights_decode_every_byte(b, d):
         idx = torch.randint(0, 2**B, (4096, p), generator=torch.Generator().manual_seed(b))
         idx[:2**B] = torch.arange(2**B)[:, None]                           # index j = k in lane k, every j
     word = (idx << torch.tensor(kernels._index_shifts(B, p))).sum(-1)      # index j from bit shifts[j]
-    v = ((word + 2**31) % 2**32 - 2**31).to(torch.int32).reshape(1, 1, 1, -1)  # (block, group, word, lane)
+    v = kernels.as_int32(word).reshape(1, 1, 1, -1)                       # (block, group, word, lane)
     got = torch.stack([w.reshape(-1) for w in kernels.byte_weights(v, part["P"][:1, :1], B, p, d)], -1)
     codebook = getattr(layer, f"codebook_{b}")[0, 0]                          # tile 0, group 0: (K, d) int8
     assert torch.equal(got, codebook[idx].reshape(-1, p * d).float())        # weight j·d + e: value e of index j
