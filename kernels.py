@@ -476,7 +476,12 @@ def _prefill_plan(parts: list[dict], n: int, m: int, block_bytes: int, min_rows:
     return parts[0][key]
 
 
-def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=16 << 20, min_rows=2048) -> torch.Tensor:
+PREFILL_BLOCK_BYTES = 16 << 20  # Wᵀ dequantized at a time by prefill_matmul, and the fewest rows it takes (see there)
+PREFILL_MIN_ROWS = 2048
+
+
+def prefill_matmul(x: torch.Tensor, parts: list[dict], m: int, block_bytes=PREFILL_BLOCK_BYTES,
+                   min_rows=PREFILL_MIN_ROWS) -> torch.Tensor:
     """y (T, m) = x Wᵀ for many tokens: dequantize a block of W at a time (one compiled call), multiply the input's
     columns it needs by it (one matrix product), and sum over the blocks. A block takes about 16 MB: freed memory
     past glibc's trim threshold goes back to the system and comes back as page faults (a 55 MB Wᵀ at once costs
@@ -641,7 +646,7 @@ def random_layer(m, n, d, bits, tile_rows, dtype=torch.float32, device="cpu", gr
 
 
 def _copies(layer, nbytes):
-    """Shallow copies of a VQLinear, each with its own repacked tensors (for cold-cache timing)."""
+    """Shallow copies of a VQLinear, each with its own repacked tensors and prefill plan (for cold-cache timing)."""
     parts = layer.fast_parts()
     size = sum(q[k].nbytes for q in parts for k in ("S", "P", "s", "cols"))
     out = []
@@ -652,7 +657,8 @@ def _copies(layer, nbytes):
             S, P, s = _dynamic(q["S"].clone(), q["P"].clone(), q["s"].clone())
             own = {k: v for k, v in q.items() if isinstance(k, str)}      # not a prefill plan: it holds views
             c._fast.append(dict(own, S=S, P=P, s=s, cols=q["cols"].clone()))  # of the original's tensors
-        out.append(c)
+        _prefill_plan(c._fast, layer.in_features, layer.out_features, PREFILL_BLOCK_BYTES, PREFILL_MIN_ROWS)
+        out.append(c)                                                      # (a layer plans once: not timed)
     return out, size
 
 
