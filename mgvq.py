@@ -14,6 +14,7 @@ are listed in the README.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from kernels import VQLinear, transformers_error
 
 @dataclass
 class Config:
-    model: str = "toy"
+    model: str = "toy"                 # toy, testbed, qwen2-vl-2b, qwen2-vl-7b, a Hub id or a local folder
     bits: int = 2                      # average index bits per weight
     method: str = "mgvq"               # rtn | gptq | gptvq | mgvq (sets the switches below left at None)
     d: int | None = None               # VQ vector length (2 for VQ, 1 for the scalar baselines)
@@ -57,24 +58,24 @@ class Config:
     image_folder: str | None = None    # where the calibration file's relative image paths start (default: its folder)
     nsamples: int | None = None        # calibration samples (64 for the toy and the testbed, 128 for real models)
     batch_size: int = 4                # calibration samples per forward (backward activations scale with it)
-    seed: int = 0
+    seed: int = 0                      # calibration sampling and k-means initialisation
     damp: float = 0.01                 # relative damping of H_I and H_O (x10 retries, fp64 last)
-    kmeans_iters: int = 25
+    kmeans_iters: int = 25             # weighted k-means iterations per codebook
     trial_iters: int = 6               # k-means iterations of the quick trial VQ (sensitivity)
     codebook_overhead: float | None = None  # codebook + scale bits per weight allowed when choosing tile rows
                                        # (gptvq 0.2: 16 rows at 2 bits; mgvq 0.075: every tile 16 rows or more)
     joint_bits: int | None = None      # a group whose index has more bits (b*d) gets a scalar codebook per
                                        # coordinate (mgvq: 4, so 3-bit d=2 groups have 2 x 8 entries, not 64)
-    qig_steps: int = 8
-    teacher_topk: int = 64
-    quantize_vision: bool = False
+    qig_steps: int = 8                 # integration steps of QIG's path from the quantized input to the FP one
+    teacher_topk: int = 64             # FP answer log-probabilities kept per token for the KL
+    quantize_vision: bool = False      # also quantize the vision tower's blocks
     max_blocks: int | None = None      # stop after N blocks (dry runs; the rest stays full precision)
     random_init: bool = False          # a published model size with random weights, no download (dry runs)
     eval_n: int | None = None          # held-out questions for the check (480 on the testbed, else 200; 0: skip it)
     out: str | None = None             # the saved model (real models default to ./<model>-<method>-<bits>bit)
     no_save: bool = False              # a real model's run without a saved folder
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = "auto"               # auto | cpu | cuda
+    dtype: str = "auto"                # auto | float32 | bfloat16 | float16
 
 
 # What each --method switches on; an explicit flag overrides its row (the ablation flips one at a time).
@@ -1140,16 +1141,31 @@ class Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def field_comments() -> dict[str, str]:
+    """Each Config field's comment in its source, continuation lines included: the flag's --help text."""
+    comments, name = {}, None
+    for line in inspect.getsource(Config).splitlines()[1:]:
+        code, _, comment = line.partition("#")
+        if code.strip():
+            name = code.split(":")[0].strip()
+        if comment.strip():
+            comments[name] = (comments.get(name, "") + " " + comment.strip()).strip()
+    return comments
+
+
 def parse_args(argv) -> tuple[Config, argparse.Namespace]:
     """The command line maps one to one onto Config."""
     p = Parser(description="MGVQ: ~2-bit vector quantization of a vision-language model.")
+    comments = field_comments()
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=text)
         else:
             typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            p.add_argument(flag, type=typ, default=f.default)
+            default = "set by --method" if f.name in METHODS["mgvq"] else f.default  # None: see the text
+            text += "" if default is None else f" (default: {default})"
+            p.add_argument(flag, type=typ, default=f.default, help=text.lstrip())
     p.add_argument("--ablation", action="store_true", help="run the ablation table (3 calibration seeds)")
     p.add_argument("--rows", help="with --ablation: only these rows, comma-separated labels (e.g. rtn,gptq,gptvq)")
     p.add_argument("--json", action="store_true", help="print the whole report as the last line, not the summary")

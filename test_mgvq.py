@@ -163,6 +163,17 @@ def test_cli_missing_model_exits_cleanly():
     assert run.stderr.strip().count("\n") == 0
 
 
+
+def test_every_flag_has_its_config_comment_as_help(capsys):
+    comments = mgvq.field_comments()
+    assert set(comments) == {f.name for f in mgvq.fields(mgvq.Config)}
+    assert comments["bits"] == "average index bits per weight"
+    assert comments["grad"].endswith("under H_I); both weigh the rows by diag(H_O)")   # continuation lines joined
+    with pytest.raises(SystemExit):
+        mgvq.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "average index bits per weight (default: 2)" in text and "(default: set by --method)" in text
+
 # --- batching
 
 def test_batch_image_tokens_and_labels(toy):
